@@ -1,0 +1,9 @@
+#include "bindings.h"
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "llqx C++ core on llama.cpp's public API";
+    bind_log(m);
+    bind_model(m);
+    bind_quantize(m);
+    bind_types(m);
+}

@@ -1,0 +1,40 @@
+// ggml type table and row quantization on top of ggml's public API
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+struct llqx_type_info {
+    int32_t     id;
+    std::string name;
+    int64_t     block_size;       // elements per block
+    int64_t     type_size;        // bytes per block
+    double      bpw;              // bits per weight
+    bool        is_quantized;
+    bool        can_quantize;     // ggml_quantize_chunk can produce it from F32 rows
+    bool        requires_imatrix; // llama.cpp's writer refuses it without an imatrix (outside token_embd/output)
+};
+
+int32_t llqx_type_count(void);
+
+// false when id is not a live ggml type (removed ids have no traits)
+bool llqx_type_info_get(int32_t id, llqx_type_info & info);
+
+// -1 when the name is unknown; case-insensitive, as llama-quantize parses it
+int32_t llqx_type_from_name(const std::string & name);
+
+// bytes of one row of n_per_row elements, 0 when n_per_row is not a multiple of the block size
+size_t llqx_row_size(int32_t type, int64_t n_per_row);
+
+// prepares the lookup grids of the IQ types once, so timed or threaded work does not pay for it
+void llqx_quantize_init(int32_t type);
+
+// quantize nrows rows of n_per_row floats into dst (llqx_row_size(type, n_per_row) * nrows bytes);
+// imatrix: n_per_row importance weights or nullptr. Returns bytes written, or -1 with err set.
+int64_t llqx_quantize_rows(int32_t type, const float * src, void * dst, int64_t nrows, int64_t n_per_row,
+                           const float * imatrix, std::string & err);
+
+// dequantize nrows rows into dst (nrows * n_per_row floats). false with err set on failure.
+bool llqx_dequantize_rows(int32_t type, const void * src, float * dst, int64_t nrows, int64_t n_per_row,
+                          std::string & err);

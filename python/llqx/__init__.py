@@ -1,0 +1,31 @@
+"""llqx: GGUF quantization at exactly the size you ask for."""
+
+from __future__ import annotations
+
+from . import log as _log
+from .errors import LlqxError
+from .imatrix import Imatrix, ImatrixEntry
+from .model import ModelInfo, TensorInfo, inspect
+from .quantize import quantize
+from .types import FILE_TYPES, FileType, GGMLType, file_type, ggml_type, ggml_types
+
+_log.install()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FILE_TYPES",
+    "FileType",
+    "GGMLType",
+    "Imatrix",
+    "ImatrixEntry",
+    "LlqxError",
+    "ModelInfo",
+    "TensorInfo",
+    "__version__",
+    "file_type",
+    "ggml_type",
+    "ggml_types",
+    "inspect",
+    "quantize",
+]

@@ -1,0 +1,265 @@
+"""Importance-matrix files: upstream GGUF (with or without ``in_sum``) and legacy ``.dat``.
+
+Per weight tensor and per MoE expert the record holds raw sums over routed token rows:
+``in_sum2`` = Σx², ``in_sum`` = Σx (llqx's extension; None in upstream files) and ``counts``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LlqxError
+
+KEY_DATASETS = "imatrix.datasets"
+KEY_CHUNK_COUNT = "imatrix.chunk_count"
+KEY_CHUNK_SIZE = "imatrix.chunk_size"
+
+
+@dataclass
+class ImatrixEntry:
+    """Raw sums of one weight tensor: arrays shaped (n_expert, n_per_row) and (n_expert,)."""
+
+    in_sum2: np.ndarray
+    counts: np.ndarray
+    in_sum: np.ndarray | None = None
+
+    @property
+    def n_expert(self) -> int:
+        return int(self.in_sum2.shape[0])
+
+    @property
+    def n_per_row(self) -> int:
+        return int(self.in_sum2.shape[1])
+
+
+@dataclass
+class Imatrix:
+    """An importance matrix: per-tensor raw sums plus the datasets and chunking that made them."""
+
+    entries: dict[str, ImatrixEntry] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+    legacy: bool = False  # read from a .dat file: in_sum2 holds mean·ncall, counts the ncall
+
+    @property
+    def has_activations(self) -> bool:
+        return bool(self.entries) and all(e.in_sum is not None for e in self.entries.values())
+
+    def values(self, name: str) -> np.ndarray:
+        """E[x²] per expert and column, float32 (n_expert, n_per_row); 1 where an expert saw no token.
+
+        Computed in float32 exactly as llama-quantize normalizes the file, so the weights we pass
+        to llama.cpp are bit-identical to upstream's.
+        """
+        e = self.entries[name]
+        counts = np.rint(e.counts).astype(np.int64).astype(np.float32)
+        out = np.ones_like(e.in_sum2, dtype=np.float32)
+        seen = counts > 0
+        out[seen] = e.in_sum2[seen].astype(np.float32) / counts[seen, None]
+        if self.legacy and not seen.any():
+            out = e.in_sum2.astype(np.float32).copy()
+        return out
+
+    def activations(self, name: str) -> np.ndarray | None:
+        """E[x] per expert and column, float32 (n_expert, n_per_row); 0 where no token; None without in_sum."""
+        e = self.entries[name]
+        if e.in_sum is None:
+            return None
+        counts = np.rint(e.counts).astype(np.float32)
+        out = np.zeros_like(e.in_sum, dtype=np.float32)
+        seen = counts > 0
+        out[seen] = e.in_sum[seen].astype(np.float32) / counts[seen, None]
+        return out
+
+    def quantize_weights(self) -> dict[str, np.ndarray]:
+        """The flat per-tensor weights llama_model_quantize takes (experts concatenated)."""
+        return {name: self.values(name).reshape(-1) for name in self.entries}
+
+    # ---- files -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Imatrix:
+        p = Path(path)
+        if not p.is_file():
+            raise LlqxError(f"imatrix file not found: {p}")
+        with p.open("rb") as f:
+            magic = f.read(4)
+        return _load_gguf(p) if magic == b"GGUF" else _load_dat(p)
+
+    def save(self, path: str | os.PathLike[str], fmt: str = "gguf") -> None:
+        """Write atomically (temporary file + rename) in 'gguf' or legacy 'dat' form."""
+        p = Path(path)
+        if p.is_dir():
+            raise LlqxError(f"imatrix output is a directory: {p}")
+        if fmt not in ("gguf", "dat"):
+            raise LlqxError(f"unknown imatrix format '{fmt}' (gguf or dat)")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix="." + p.name + ".", dir=p.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            _save_gguf(self, tmp) if fmt == "gguf" else _save_dat(self, tmp)
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def merge(self, *others: Imatrix) -> Imatrix:
+        """Sum the raw statistics of several runs over the same model (weighted by their counts)."""
+        out = Imatrix({}, list(self.datasets), self.chunk_count, self.chunk_size, self.legacy)
+        for name, e in self.entries.items():
+            out.entries[name] = ImatrixEntry(e.in_sum2.copy(), e.counts.copy(),
+                                             None if e.in_sum is None else e.in_sum.copy())
+        for other in others:
+            if other.legacy or out.legacy:
+                raise LlqxError("legacy .dat imatrix files cannot be merged; convert them first")
+            for ds in other.datasets:
+                if ds not in out.datasets:
+                    out.datasets.append(ds)
+            out.chunk_count += other.chunk_count
+            if out.chunk_size and other.chunk_size and out.chunk_size != other.chunk_size:
+                raise LlqxError(f"cannot merge imatrix files of chunk size {out.chunk_size} and {other.chunk_size}")
+            out.chunk_size = out.chunk_size or other.chunk_size
+            for name, e in other.entries.items():
+                mine = out.entries.get(name)
+                if mine is None:
+                    out.entries[name] = ImatrixEntry(e.in_sum2.copy(), e.counts.copy(),
+                                                     None if e.in_sum is None else e.in_sum.copy())
+                    continue
+                if mine.in_sum2.shape != e.in_sum2.shape:
+                    raise LlqxError(f"imatrix shapes differ for {name}: {mine.in_sum2.shape} vs {e.in_sum2.shape}")
+                mine.in_sum2 = (mine.in_sum2.astype(np.float64) + e.in_sum2).astype(np.float32)
+                mine.counts = mine.counts + e.counts
+                if mine.in_sum is not None and e.in_sum is not None:
+                    mine.in_sum = (mine.in_sum.astype(np.float64) + e.in_sum).astype(np.float32)
+                else:
+                    mine.in_sum = None
+        return out
+
+
+def _load_gguf(path: Path) -> Imatrix:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # gguf-py raises plain ValueError/struct errors on damage
+        raise LlqxError(f"corrupt imatrix file {path}: {exc}") from exc
+    im = Imatrix()
+    if KEY_DATASETS in reader.fields:
+        im.datasets = [str(s) for s in reader.fields[KEY_DATASETS].contents()]
+    if KEY_CHUNK_COUNT in reader.fields:
+        im.chunk_count = int(reader.fields[KEY_CHUNK_COUNT].contents())
+    if KEY_CHUNK_SIZE in reader.fields:
+        im.chunk_size = int(reader.fields[KEY_CHUNK_SIZE].contents())
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")
+        if suffix not in ("in_sum2", "in_sum", "counts"):
+            continue
+        if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise LlqxError(f"imatrix tensor {t.name} must be F32 in {path}")
+        n_expert = int(t.shape[1]) if len(t.shape) > 1 else 1
+        parts.setdefault(base, {})[suffix] = np.array(t.data, dtype=np.float32).reshape(n_expert, -1)
+    if not parts:
+        raise LlqxError(f"no imatrix data in {path}")
+    for name, p in sorted(parts.items()):
+        if "in_sum2" not in p or "counts" not in p:
+            raise LlqxError(f"imatrix {path}: mismatched sums and counts for {name}")
+        im.entries[name] = ImatrixEntry(p["in_sum2"], p["counts"].reshape(-1), p.get("in_sum"))
+    return im
+
+
+def _load_dat(path: Path) -> Imatrix:
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str) -> tuple[int, ...]:
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        if pos + size > len(data):
+            raise LlqxError(f"not an imatrix file (truncated or unknown format): {path}")
+        out = struct.unpack_from(fmt, data, pos)
+        pos += size
+        return out
+
+    (n_entries,) = take("<i")
+    if n_entries < 1:
+        raise LlqxError(f"not an imatrix file (no entries): {path}")
+    im = Imatrix(legacy=True)
+    for _ in range(n_entries):
+        (length,) = take("<i")
+        if length <= 0 or pos + length > len(data):
+            raise LlqxError(f"not an imatrix file (bad entry name): {path}")
+        name = data[pos:pos + length].decode("utf-8", errors="replace")
+        pos += length
+        ncall, nval = take("<ii")
+        if nval < 1 or pos + 4 * nval > len(data):
+            raise LlqxError(f"not an imatrix file (bad entry size for {name}): {path}")
+        sums = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        pos += 4 * nval
+        im.entries[name] = ImatrixEntry(sums.reshape(1, -1), np.array([ncall], dtype=np.float32))
+    if pos + 4 <= len(data):
+        (im.chunk_count,) = take("<i")
+        if pos + 4 <= len(data):
+            (length,) = take("<i")
+            if length > 0 and pos + length <= len(data):
+                im.datasets.append(data[pos:pos + length].decode("utf-8", errors="replace"))
+    return im
+
+
+def _save_gguf(im: Imatrix, path: Path) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch="imatrix", use_temp_file=False)
+    # an imatrix file is no model: upstream writes general.type, no general.architecture
+    writer.kv_data[0].pop("general.architecture", None)
+    writer.add_type("imatrix")
+    writer.add_array(KEY_DATASETS, list(im.datasets))
+    writer.add_uint32(KEY_CHUNK_COUNT, int(im.chunk_count))
+    writer.add_uint32(KEY_CHUNK_SIZE, int(im.chunk_size))
+    for name in sorted(im.entries):
+        e = im.entries[name]
+        sums = e.in_sum2
+        counts = e.counts.astype(np.float32)
+        if im.legacy:  # .dat holds mean·ncall: the GGUF form holds raw sums over tokens
+            sums = sums.astype(np.float32)
+        writer.add_tensor(name + ".in_sum2", np.ascontiguousarray(sums, dtype=np.float32))
+        writer.add_tensor(name + ".counts", counts.reshape(e.n_expert, 1))
+        if e.in_sum is not None:
+            writer.add_tensor(name + ".in_sum", np.ascontiguousarray(e.in_sum, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _save_dat(im: Imatrix, path: Path) -> None:
+    with path.open("wb") as f:
+        f.write(struct.pack("<i", len(im.entries)))
+        for name in sorted(im.entries):
+            e = im.entries[name]
+            raw = name.encode("utf-8")
+            if im.legacy:
+                ncall = int(e.counts[0])
+                values = e.in_sum2.reshape(-1).astype(np.float32)
+            else:
+                # legacy layout: mean·ncall with ncall = chunks seen (upstream's convention)
+                chunk = max(im.chunk_size, 1)
+                ncall = int((int(e.counts.max()) + chunk - 1) // chunk)
+                counts = np.rint(e.counts).astype(np.float32)
+                mean = np.where(counts[:, None] > 0, e.in_sum2 / np.maximum(counts[:, None], 1), 1.0)
+                values = (mean * ncall).astype(np.float32).reshape(-1)
+            f.write(struct.pack("<i", len(raw)))
+            f.write(raw)
+            f.write(struct.pack("<ii", ncall, values.size))
+            f.write(values.astype("<f4").tobytes())
+        f.write(struct.pack("<i", int(im.chunk_count)))
+        ds = (im.datasets[0] if im.datasets else "").encode("utf-8")
+        f.write(struct.pack("<i", len(ds)))
+        f.write(ds)
