@@ -1,0 +1,57 @@
+"""`llqx` command line: one subcommand per module (cli_<name>.py exposes `register(subparsers)`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from .errors import LlqxError
+
+# subcommand name -> module that registers it; each module adds its parser with a `func` default
+SUBCOMMANDS = ("imatrix", "quantize", "eval", "plot", "demo")
+
+err_console = Console(stderr=True)
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    """Show llama.cpp's log at WARNING (INFO with --verbose, nothing but errors with --quiet)."""
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llqx", description="GGUF quantization at exactly the size you ask for")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"llqx.cli_{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"llqx.cli_{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    try:
+        return int(args.func(args) or 0)
+    except LlqxError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
