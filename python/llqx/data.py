@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import LlqxError
 
 
@@ -74,15 +75,8 @@ def sha256_of(path: Path) -> str:
 
 def _atomic_write(target: Path, produce: Callable[[Path], None]) -> Path:
     """Run produce(tmp) and rename tmp onto target, so a crash never leaves a half file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix="." + target.name + ".", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(target) as tmp:
         produce(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

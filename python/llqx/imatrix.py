@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import LlqxError
 
 KEY_DATASETS = "imatrix.datasets"
@@ -100,15 +100,8 @@ class Imatrix:
             raise LlqxError(f"imatrix output is a directory: {p}")
         if fmt not in ("gguf", "dat"):
             raise LlqxError(f"unknown imatrix format '{fmt}' (gguf or dat)")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix="." + p.name + ".", dir=p.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with atomic_path(p) as tmp:
             _save_gguf(self, tmp) if fmt == "gguf" else _save_dat(self, tmp)
-            os.replace(tmp, p)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def merge(self, *others: Imatrix) -> Imatrix:
         """Sum the raw statistics of several runs over the same model (weighted by their counts)."""
