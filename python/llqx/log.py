@@ -9,6 +9,9 @@ from collections import deque
 from . import _core
 
 logger = logging.getLogger("llqx.llama")
+# a library stays silent unless the application configures logging (no lastResort to stderr);
+# the CLIs attach their own handlers
+logging.getLogger("llqx").addHandler(logging.NullHandler())
 
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _lock = threading.Lock()
