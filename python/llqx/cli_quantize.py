@@ -38,6 +38,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 from . import log as _log
@@ -334,28 +335,32 @@ def run(args: argparse.Namespace) -> int:
     if ft is None:
         raise LlqxError("missing ftype")
     say = (lambda *a, **k: None) if args.quiet else print
+    imatrix = Imatrix.load(args.imatrix) if args.imatrix is not None else None
+    stack = ExitStack()
+    t0 = time.perf_counter()
 
-    imatrix: Imatrix | None = None
-    if args.imatrix is not None:
-        imatrix = Imatrix.load(args.imatrix)
-        if imatrix.datasets:
-            say("load_imatrix: imatrix datasets=[" + ", ".join(f"'{d}'" for d in imatrix.datasets) + "]")
-        say(f"load_imatrix: loaded {len(imatrix.entries)} importance matrix entries from {args.imatrix} "
-            f"computed on {imatrix.chunk_count} chunks")
-        if not (args.include_weights and args.exclude_weights):
+    def start() -> None:
+        """Every check passed: say what upstream says, then show llama.cpp's log."""
+        nonlocal t0
+        if imatrix is not None:
+            if imatrix.datasets:
+                say("load_imatrix: imatrix datasets=[" + ", ".join(f"'{d}'" for d in imatrix.datasets) + "]")
+            say(f"load_imatrix: loaded {len(imatrix.entries)} importance matrix entries from {args.imatrix} "
+                f"computed on {imatrix.chunk_count} chunks")
             n = len(select_imatrix(imatrix, args.include_weights, args.exclude_weights).weights)
             if n:
                 say(f"prepare_imatrix: have {n} importance matrix entries")
+        what = (f"calculating quantization size for '{args.input}' as {ft.name}" if args.dry_run
+                else f"quantizing '{args.input}' to '{args.output}' as {ft.name}")
+        if args.nthread > 0:
+            what += f" using {args.nthread} threads"
+        if not args.quiet:
+            sys.stdout.flush()
+            print(f"{PROG}: {what}", file=sys.stderr, flush=True)
+        stack.enter_context(_LlamaLog(args.quiet, args.verbose))
+        t0 = time.perf_counter()
 
-    what = (f"calculating quantization size for '{args.input}' as {ft.name}" if args.dry_run
-            else f"quantizing '{args.input}' to '{args.output}' as {ft.name}")
-    if args.nthread > 0:
-        what += f" using {args.nthread} threads"
-    if not args.quiet:
-        print(f"{PROG}: {what}", file=sys.stderr, flush=True)
-
-    t0 = time.perf_counter()
-    with _LlamaLog(args.quiet, args.verbose):
+    with stack:
         try:
             quantize(
                 args.input, args.output, ft,
@@ -366,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
                 tensor_types=args.tensor_types, prune_layers=args.prune_layers, override_kv=args.override_kv,
                 allow_requantize=args.allow_requantize, leave_output_tensor=args.leave_output_tensor,
                 pure=args.pure, keep_split=args.keep_split, dry_run=args.dry_run,
-                max_buffer_size_mib=args.max_buffer_size,
+                max_buffer_size_mib=args.max_buffer_size, on_start=start,
             )
         except KeyboardInterrupt:
             _interrupted()

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,6 +249,7 @@ def quantize(
     dry_run: bool = False,
     max_buffer_size_mib: int = 0,
     check_imatrix: bool = True,
+    on_start: Callable[[], None] | None = None,
 ) -> Path | None:
     """Quantize a GGUF model with llama.cpp, as llama-quantize would with the same options.
 
@@ -260,6 +261,7 @@ def quantize(
     The output is written to a temporary directory beside it and renamed when complete, so an
     error or Ctrl+C never leaves a partial file. Returns the output path (None for a dry run;
     the first split with ``keep_split``). The llama.cpp log goes to the ``llqx.llama`` logger.
+    ``on_start`` is called once every check has passed, right before llama.cpp starts.
     """
     ft = _resolve_ftype(ftype)
     if include_weights and exclude_weights:
@@ -331,13 +333,20 @@ def quantize(
 
     if out is None:
         req.output = ""
+        if on_start is not None:
+            on_start()
         run_model_quantize(req)
         return None
 
     # llama.cpp writes straight to its output path: give it a private one and rename when done
-    tmpdir = Path(tempfile.mkdtemp(prefix="." + out.name + ".llqx-", dir=out.parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix="." + out.name + ".llqx-", dir=out.parent))
+    except OSError as exc:
+        raise LlqxError(f"cannot write to the output directory {out.parent}: {exc.strerror}") from None
     try:
         req.output = os.fspath(tmpdir / out.name)
+        if on_start is not None:
+            on_start()
         run_model_quantize(req)
         produced = sorted(tmpdir.iterdir())
         if not produced:
