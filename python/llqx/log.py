@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from . import _core
 
@@ -18,11 +20,25 @@ _lock = threading.Lock()
 _pending: list[str] = []
 _last_level = logging.INFO
 recent_errors: deque[str] = deque(maxlen=8)
+_local = threading.local()
+
+
+@contextmanager
+def muted() -> Iterator[None]:
+    """Drop llama.cpp's log lines emitted by this thread (for calls that report errors themselves)."""
+    depth = getattr(_local, "muted", 0)
+    _local.muted = depth + 1
+    try:
+        yield
+    finally:
+        _local.muted = depth
 
 
 def _sink(level: int, text: str) -> None:
     """Join llama.cpp's partial lines (level 5 = continuation) and log whole lines."""
     global _last_level
+    if getattr(_local, "muted", 0):
+        return
     with _lock:
         if level != 5:
             _last_level = _LEVELS.get(level, logging.INFO)
