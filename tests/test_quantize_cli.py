@@ -184,6 +184,8 @@ def test_llqx_subcommand_and_api(tmp_path: Path, llama_quantize: Path, smollm2_f
     sub = tmp_path / "sub.gguf"
     assert cli.main(["quantize", str(smollm2_f16), str(sub), "q5_0", THREADS, *opts]) == 0
     assert filecmp.cmp(up, sub, shallow=False)
+    assert cli.main(["quantize", "--dry-run", str(smollm2_f16), "q4_0"]) == 0  # no nthreads, no output
+    assert cli.main(["quantize", str(smollm2_f16), str(sub), "q9_9"]) == 1
     api = tmp_path / "api.gguf"
     assert llqx.quantize(smollm2_f16, api, 8, imatrix=Imatrix.load(im), imatrix_label=im, pure=True,
                          tensor_types=[("ffn_down", "q8_0")], nthread=2) == api

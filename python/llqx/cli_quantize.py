@@ -473,11 +473,13 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
       help="as llama-quantize: the type by name (Q4_K_M, any case) or number")
 
 
-def _run_subcommand(args: argparse.Namespace) -> int:
-    words = args.words
-    del args.words
+def _run_subcommand(parsed: argparse.Namespace) -> int:
+    args = _new_namespace()
+    for key, value in vars(parsed).items():
+        if key not in ("words", "func", "command"):
+            setattr(args, key, value)
     try:
-        resolve_positionals(args, words)
+        resolve_positionals(args, parsed.words)
     except UsageError as exc:
         raise LlqxError(str(exc)) from None
     return run(args)
@@ -488,6 +490,7 @@ def register(subparsers: Any) -> None:
     types = ", ".join(ft.name for ft in FILE_TYPES)
     parser = subparsers.add_parser(
         "quantize", help="quantize a GGUF exactly as llama-quantize does (drop-in, byte-identical)",
+        usage="llqx quantize [options] input.gguf [output.gguf] type [nthreads]",
         description=f"Quantize a GGUF as llama-quantize does. Types: {types}.",
     )
     add_quantize_arguments(parser)

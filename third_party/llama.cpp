@@ -1,0 +1,1 @@
+/work/main/third_party/llama.cpp
