@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
 
+from . import _core
 from . import log as _log
 from .errors import LlqxError
 from .imatrix import Imatrix
@@ -297,6 +298,7 @@ def _dispatch_target(args: argparse.Namespace) -> int:
 
 def _interrupted() -> None:
     """Ctrl+C: the partial output is already gone; llama.cpp's worker cannot be stopped, so leave now."""
+    _core.log_set(None)  # the worker's log stops here, so this message is the last line
     print(f"{PROG}: interrupted, no output written", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
