@@ -1,1 +1,0 @@
-/work/main/third_party/llama.cpp
