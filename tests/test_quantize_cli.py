@@ -96,7 +96,7 @@ CASES = {
     "q4_k_m-imatrix-gguf": (["--imatrix", "{gguf}"], "Q4_K_M"),
     "q4_k_m-imatrix-dat": (["--imatrix", "{dat}"], "q4_k_m"),
     "q8_0": ([], "Q8_0"),
-    "pure-q4_0": (["--pure"], "Q4_0"),
+    "pure-q4_0-small-buffer": (["--pure", "--max-buffer-size", "1"], "Q4_0"),
     "tensor-types": (["--tensor-type", "attn_q=q4_0", "--tensor-type-file", "{ttfile}", "--tensor-type",
                       "ATTN_V=Q6_K", "--output-tensor-type", "q5_0", "--token-embedding-type", "q4_1"],
                      "Q8_0"),
