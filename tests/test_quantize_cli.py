@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -174,7 +175,7 @@ def test_numeric_type_default_output_name(tmp_path: Path, llama_quantize: Path, 
 
 @pytest.mark.slow
 def test_llqx_subcommand_and_api(tmp_path: Path, llama_quantize: Path, smollm2_f16: Path,
-                                 imatrix_files: dict[str, Path]) -> None:
+                                 imatrix_files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     """`llqx quantize` (options after the positionals allowed) and llqx.quantize() match upstream."""
     up = tmp_path / "up.gguf"
     im = str(imatrix_files["dat"])
@@ -185,6 +186,13 @@ def test_llqx_subcommand_and_api(tmp_path: Path, llama_quantize: Path, smollm2_f
     assert cli.main(["quantize", str(smollm2_f16), str(sub), "q5_0", THREADS, *opts]) == 0
     assert filecmp.cmp(up, sub, shallow=False)
     assert cli.main(["quantize", "--dry-run", str(smollm2_f16), "q4_0"]) == 0  # no nthreads, no output
+    capsys.readouterr()
+    assert cli.main(["quantize", "--json", "--quiet", str(smollm2_f16), str(sub), "q5_0", *opts]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    info = llqx.inspect(sub)
+    assert summary["output"] == str(sub)
+    assert (summary["bytes"], summary["bpw"], summary["ftype"]) == (sub.stat().st_size, info.bpw, "Q5_0")
+    assert filecmp.cmp(up, sub, shallow=False)
     assert cli.main(["quantize", str(smollm2_f16), str(sub), "q9_9"]) == 1
     api = tmp_path / "api.gguf"
     assert llqx.quantize(smollm2_f16, api, 8, imatrix=Imatrix.load(im), imatrix_label=im, pure=True,
@@ -294,7 +302,7 @@ def test_usage_text_matches_upstream(llama_quantize: Path, capsys: pytest.Captur
     my_lines = [ln.replace("llqx-quantize", "llama-quantize") for ln in mine.splitlines()]
     assert [ln for ln in my_lines if "llqx" not in ln and "--target" not in ln
             and "[--target-bpw]" not in ln and "--state-file" not in ln
-            and not ln.strip().startswith(("(llqx)", "--quiet"))] == up_lines
+            and not ln.strip().startswith(("(llqx)", "--quiet", "--json"))] == up_lines
 
 
 # ---- target-bpw hook --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ tensor_types           list[(lower-cased pattern, ggml type id)] in command-line
                        (``--tensor-type`` and ``--tensor-type-file`` interleaved, as upstream)
 prune_layers           list[int], sorted and unique
 override_kv            list[str] KEY=TYPE:VALUE (validated)
-allow_requantize, leave_output_tensor, pure, keep_split, dry_run, quiet, verbose: bool
+allow_requantize, leave_output_tensor, pure, keep_split, dry_run, quiet, verbose, json: bool
 max_buffer_size        int MiB (0: llama.cpp's default)
 target_bpw             float or None;  target_size: str or None (``N[B|K|M|G|T]``, unparsed)
 state_file             None (not given), "" (given without a path: the default), or a path
@@ -33,6 +33,7 @@ When ``target_bpw`` or ``target_size`` is set, :func:`run` hands the namespace t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -45,6 +46,7 @@ from . import _core
 from . import log as _log
 from .errors import LlqxError
 from .imatrix import Imatrix
+from .model import inspect
 from .quantize import (
     default_output_path,
     parse_kv_override,
@@ -99,6 +101,7 @@ def usage_text(prog: str = PROG) -> str:
         ("--target-size N[B|K|M|G|T]", ["(llqx) the same for an output file of N bytes"]),
         ("--state-file [PATH]", ["(llqx) keep the measured per-tensor errors for later runs"]),
         ("--quiet / --verbose", ["(llqx) show only errors / also llama.cpp's debug log"]),
+        ("--json", ["(llqx) print a JSON summary (output, bytes, bpw, seconds) on stdout"]),
     ]
     lines = [
         f"usage: {prog} [--help] [--allow-requantize] [--leave-output-tensor] [--pure] [--imatrix] "
@@ -106,7 +109,7 @@ def usage_text(prog: str = PROG) -> str:
         "       [--exclude-weights] [--output-tensor-type] [--token-embedding-type] [--tensor-type] "
         "[--tensor-type-file]",
         "       [--prune-layers] [--keep-split] [--override-kv] [--dry-run] [--max-buffer-size]",
-        "       [--target-bpw] [--target-size] [--state-file] [--quiet] [--verbose]",
+        "       [--target-bpw] [--target-size] [--state-file] [--quiet] [--verbose] [--json]",
         "       model-f32.gguf [model-quant.gguf] type [nthreads]",
         "",
     ]
@@ -138,6 +141,7 @@ def _new_namespace() -> argparse.Namespace:
         output_tensor_type=None, token_embedding_type=None, tensor_types=[], prune_layers=[], override_kv=[],
         allow_requantize=False, leave_output_tensor=False, pure=False, keep_split=False, dry_run=False,
         max_buffer_size=0, target_bpw=None, target_size=None, state_file=None, quiet=False, verbose=False,
+        json=False,
     )
 
 
@@ -179,7 +183,7 @@ _VALUE_OPTIONS = {
 _FLAG_OPTIONS = {
     "--leave-output-tensor": "leave_output_tensor", "--dry-run": "dry_run",
     "--allow-requantize": "allow_requantize", "--pure": "pure", "--keep-split": "keep_split",
-    "--quiet": "quiet", "--verbose": "verbose",
+    "--quiet": "quiet", "--verbose": "verbose", "--json": "json",
 }
 
 
@@ -336,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     ft: FileType | None = args.ftype
     if ft is None:
         raise LlqxError("missing ftype")
-    say = (lambda *a, **k: None) if args.quiet else print
+    say = (lambda *a, **k: None) if args.quiet or args.json else print
     imatrix = Imatrix.load(args.imatrix) if args.imatrix is not None else None
     stack = ExitStack()
     t0 = time.perf_counter()
@@ -364,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
 
     with stack:
         try:
-            quantize(
+            result = quantize(
                 args.input, args.output, ft,
                 nthread=args.nthread,
                 imatrix=imatrix, imatrix_label=args.imatrix,
@@ -380,6 +384,13 @@ def run(args: argparse.Namespace) -> int:
     ms = (time.perf_counter() - t0) * 1000.0
     say("")
     say(f"{PROG}: quantize time = {ms:8.2f} ms")
+    if args.json:
+        summary: dict[str, Any] = {"input": args.input, "output": None if result is None else str(result),
+                                   "ftype": ft.name, "dry_run": bool(args.dry_run), "seconds": ms / 1000.0}
+        if result is not None:
+            info = inspect(result)
+            summary.update(bytes=info.file_size, bpw=info.bpw, tensors=len(info.tensors))
+        print(json.dumps(summary))
     return 0
 
 
@@ -471,6 +482,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
       help="max tensor rows kept in memory while quantizing one tensor (default 8192)")
     a("--quiet", "-q", action="store_true", help="show only errors")
     a("--verbose", "-v", action="store_true", help="also show llama.cpp's debug log")
+    a("--json", action="store_true", help="print a JSON summary (output, bytes, bpw, seconds) on stdout")
     a("words", nargs="+", metavar="input [output] type [nthreads]",
       help="as llama-quantize: the type by name (Q4_K_M, any case) or number")
 
