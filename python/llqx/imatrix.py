@@ -47,6 +47,7 @@ class Imatrix:
     chunk_count: int = 0
     chunk_size: int = 0
     legacy: bool = False  # read from a .dat file: in_sum2 holds mean·ncall, counts the ncall
+    has_metadata: bool = True  # a GGUF file had datasets, chunk_count and chunk_size (upstream requires them)
 
     @property
     def has_activations(self) -> bool:
@@ -59,7 +60,9 @@ class Imatrix:
         to llama.cpp are bit-identical to upstream's.
         """
         e = self.entries[name]
-        counts = np.rint(e.counts).astype(np.int64).astype(np.float32)
+        # upstream reads counts with std::lround (half away from zero), then divides in float32
+        c = np.asarray(e.counts, dtype=np.float64)
+        counts = (np.sign(c) * np.floor(np.abs(c) + 0.5)).astype(np.int64).astype(np.float32)
         out = np.ones_like(e.in_sum2, dtype=np.float32)
         seen = counts > 0
         out[seen] = e.in_sum2[seen].astype(np.float32) / counts[seen, None]
@@ -144,6 +147,7 @@ def _load_gguf(path: Path) -> Imatrix:
     except Exception as exc:  # gguf-py raises plain ValueError/struct errors on damage
         raise LlqxError(f"corrupt imatrix file {path}: {exc}") from exc
     im = Imatrix()
+    im.has_metadata = all(k in reader.fields for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE))
     if KEY_DATASETS in reader.fields:
         im.datasets = [str(s) for s in reader.fields[KEY_DATASETS].contents()]
     if KEY_CHUNK_COUNT in reader.fields:

@@ -5,21 +5,40 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from . import _core
 
 logger = logging.getLogger("llqx.llama")
+# a library stays silent unless the application configures logging (no lastResort to stderr);
+# the CLIs attach their own handlers
+logging.getLogger("llqx").addHandler(logging.NullHandler())
 
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _lock = threading.Lock()
 _pending: list[str] = []
 _last_level = logging.INFO
 recent_errors: deque[str] = deque(maxlen=8)
+_local = threading.local()
+
+
+@contextmanager
+def muted() -> Iterator[None]:
+    """Drop llama.cpp's log lines emitted by this thread (for calls that report errors themselves)."""
+    depth = getattr(_local, "muted", 0)
+    _local.muted = depth + 1
+    try:
+        yield
+    finally:
+        _local.muted = depth
 
 
 def _sink(level: int, text: str) -> None:
     """Join llama.cpp's partial lines (level 5 = continuation) and log whole lines."""
     global _last_level
+    if getattr(_local, "muted", 0):
+        return
     with _lock:
         if level != 5:
             _last_level = _LEVELS.get(level, logging.INFO)

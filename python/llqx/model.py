@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _core
+from . import log as _log
 from .errors import LlqxError
 from .types import ggml_types
 
@@ -82,7 +83,8 @@ class ModelInfo:
 def inspect(path: str | os.PathLike[str]) -> ModelInfo:
     """Read a GGUF's tensor table and metadata; LlqxError for a missing, foreign or damaged file."""
     try:
-        raw = _core.model_inspect(os.fspath(path))
+        with _log.muted():  # the exception names the problem; gguf's own log line would repeat it
+            raw = _core.model_inspect(os.fspath(path))
     except ValueError as exc:
         raise LlqxError(str(exc)) from None
     tensors = [

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from . import _core
 from . import log as _log
 from .errors import LlqxError
 from .imatrix import Imatrix
-from .types import FileType, file_type, ggml_type
+from .model import ModelInfo, inspect
+from .types import FileType, c_stoi, file_type, ggml_type
 
 KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
@@ -30,14 +35,15 @@ def _c_atol(text: str) -> int:
 
 
 def _c_atof(text: str) -> float:
-    m = re.match(r"\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf(inity)?|nan)", text, re.IGNORECASE)
+    m = re.match(r"\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf(inity)?|nan)", text,
+                 re.IGNORECASE)
     return float(m.group(0)) if m else 0.0
 
 
 def parse_kv_override(text: str) -> _core.KvOverride:
     """KEY=TYPE:VALUE with TYPE int, float, bool or str, parsed as llama.cpp's common does."""
     key, sep, rest = text.partition("=")
-    if not sep or len(key) >= 128:
+    if not sep or len(key.encode()) >= 128:
         raise LlqxError(f"malformed KV override '{text}'")
     kv = _core.KvOverride()
     kv.key = key
@@ -62,7 +68,7 @@ def _kv(key: str, value: int | str) -> _core.KvOverride:
     kv = _core.KvOverride()
     kv.key = key
     if isinstance(value, str):
-        kv.tag, kv.val_str = _TAG_STR, value.encode()[:127].decode(errors="ignore")
+        kv.tag, kv.val_str = _TAG_STR, value.encode()[:127]  # strncpy(…, 127) as upstream, bytes kept
     else:
         kv.tag, kv.val_i64 = _TAG_INT, int(value)
     return kv
@@ -77,7 +83,8 @@ class ImatrixSelection:
     chunk_count: int = 0
 
 
-def select_imatrix(imatrix: Imatrix, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> ImatrixSelection:
+def select_imatrix(imatrix: Imatrix, include: Sequence[str] = (),
+                   exclude: Sequence[str] = ()) -> ImatrixSelection:
     """Normalize and filter as llama-quantize does (substring matches; exclude, then include)."""
     if include and exclude:
         raise LlqxError("--include-weights and --exclude-weights cannot be used together")
@@ -102,13 +109,59 @@ def _type_id(value: str | int | None) -> int:
     return -1 if value is None else ggml_type(value).id
 
 
-def _check_paths(inp: Path, out: Path | None) -> None:
+def default_output_path(input: str | os.PathLike[str], ftype: FileType, keep_split: bool = False) -> str:
+    """llama-quantize's default output ``[input dir]/ggml-model-<FTYPE>.gguf`` (no suffix with keep_split)."""
+    inp = os.fspath(input)
+    pos = max(inp.rfind("/"), inp.rfind("\\"))
+    name = inp[: pos + 1] + "ggml-model-" + ftype.name
+    return name if keep_split else name + ".gguf"
+
+
+def parse_tensor_type(text: str) -> tuple[str, int]:
+    """NAME=TYPE as llama-quantize's --tensor-type: name lower-cased, type a ggml type name."""
+    name, sep, tname = text.partition("=")
+    if not sep:
+        raise LlqxError(f"malformed tensor type '{text}'")
+    if not name:
+        raise LlqxError(f"missing tensor name in '{text}'")
+    if not tname:
+        raise LlqxError(f"missing quantization type in '{text}'")
+    tid = _core.type_from_name(tname)
+    if tid < 0:
+        raise LlqxError(f"invalid quantization type '{tname}' in '{text}'")
+    return name.lower(), tid
+
+
+def read_tensor_type_file(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
+    """--tensor-type-file: NAME=TYPE entries separated by whitespace."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise LlqxError(f"failed to open tensor type file '{os.fspath(path)}': {exc.strerror}") from None
+    return [parse_tensor_type(tok) for tok in text.split()]
+
+
+def parse_prune_layers(text: str) -> list[int]:
+    """--prune-layers L0,L1,…: std::stoi per item, negative or malformed ids refused; sorted, unique."""
+    out: set[int] = set()
+    for item in text.split(","):
+        value = c_stoi(item)
+        if value is None or value < 0:
+            raise LlqxError(f"invalid layer id '{item}' in --prune-layers '{text}'")
+        out.add(value)
+    return sorted(out)
+
+
+def _check_paths(inp: Path, out: Path | None) -> ModelInfo:
     if not inp.exists():
         raise LlqxError(f"input model not found: {inp}")
     if not inp.is_file():
         raise LlqxError(f"input model is not a file: {inp}")
+    if not os.access(inp, os.R_OK):
+        raise LlqxError(f"input model is not readable: {inp}")
+    info = inspect(inp)  # LlqxError for a foreign, damaged or truncated file
     if out is None:
-        return
+        return info
     if out.exists() and os.path.samefile(inp, out):
         raise LlqxError(f"input and output files are the same: '{inp}'")
     if out.is_dir():
@@ -116,12 +169,37 @@ def _check_paths(inp: Path, out: Path | None) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise LlqxError(f"output directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise LlqxError(f"output directory is not writable: {parent}")
+    return info
+
+
+def check_imatrix_fits(sel: ImatrixSelection, info: ModelInfo, source: str) -> None:
+    """Refuse an imatrix made for another model: no tensor names in common, or widths that differ.
+
+    llama.cpp quantizes silently without weights when no name matches; llqx calls it an error.
+    The width rule is llama.cpp's own (ne[0]·ne[2], token embeddings exempt), checked up front.
+    """
+    tensors = {t.name: t for t in info.tensors}
+    matched = [name for name in sel.weights if name in tensors]
+    if not matched:
+        raise LlqxError(f"imatrix {source} does not belong to this model: none of its "
+                        f"{len(sel.weights)} tensor names is in {info.path}")
+    for name in matched:
+        t = tensors[name]
+        want = t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1)
+        have = int(np.asarray(sel.weights[name]).size)
+        if have != want and "token_embd" not in name:
+            raise LlqxError(f"imatrix {source} does not belong to this model: {name} has {have} "
+                            f"values, the tensor needs {want}")
 
 
 def run_model_quantize(request: _core.QuantizeRequest) -> None:
-    """Run llama_model_quantize in a worker thread, so Ctrl+C reaches Python while it works."""
+    """Run llama_model_quantize in a worker thread, so Ctrl+C reaches Python while it works.
+
+    On KeyboardInterrupt the worker cannot be stopped (llama.cpp has no cancel): it runs on in the
+    background; callers remove its output directory so whatever it still writes goes nowhere.
+    """
     _log.recent_errors.clear()
     failure: list[BaseException] = []
 
@@ -139,9 +217,18 @@ def run_model_quantize(request: _core.QuantizeRequest) -> None:
         raise LlqxError(_log.last_error(str(failure[0]) or "llama.cpp failed to quantize"))
 
 
+def _remove_tree(path: Path) -> None:
+    # a still-running worker may create a file between unlink and rmdir: retry a few times
+    for _ in range(5):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.05)
+
+
 def quantize(
     input: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None,
+    output: str | os.PathLike[str] | None = None,
     ftype: str | int | FileType = "Q8_0",
     *,
     nthread: int = 0,
@@ -151,8 +238,9 @@ def quantize(
     exclude_weights: Sequence[str] = (),
     output_tensor_type: str | int | None = None,
     token_embedding_type: str | int | None = None,
-    tensor_types: Iterable[tuple[str, str | int]] = (),
-    prune_layers: Iterable[int] = (),
+    tensor_types: Iterable[tuple[str, str | int]] | Iterable[str] = (),
+    tensor_type_file: str | os.PathLike[str] | None = None,
+    prune_layers: Iterable[int] | str = (),
     override_kv: Iterable[str] = (),
     allow_requantize: bool = False,
     leave_output_tensor: bool = False,
@@ -160,22 +248,52 @@ def quantize(
     keep_split: bool = False,
     dry_run: bool = False,
     max_buffer_size_mib: int = 0,
+    check_imatrix: bool = True,
+    on_start: Callable[[], None] | None = None,
 ) -> Path | None:
     """Quantize a GGUF model with llama.cpp, as llama-quantize would with the same options.
 
-    The output is written to a temporary file beside it and renamed when complete, so an error
-    or Ctrl+C never leaves a partial file. Returns the output path (None for a dry run).
+    ``ftype`` is a llama-quantize type name (any case) or its number. ``output`` None means
+    llama-quantize's default ``[input dir]/ggml-model-<FTYPE>.gguf``; with ``keep_split`` it is
+    the prefix of the split files (a ``.gguf`` in it is dropped, as upstream does).
+    ``tensor_types`` holds ``(pattern, type)`` pairs or ``"pattern=type"`` strings, applied after
+    those of ``tensor_type_file``. ``override_kv`` holds ``KEY=TYPE:VALUE`` strings.
+    The output is written to a temporary directory beside it and renamed when complete, so an
+    error or Ctrl+C never leaves a partial file. Returns the output path (None for a dry run;
+    the first split with ``keep_split``). The llama.cpp log goes to the ``llqx.llama`` logger.
+    ``on_start`` is called once every check has passed, right before llama.cpp starts.
     """
     ft = _resolve_ftype(ftype)
+    if include_weights and exclude_weights:
+        raise LlqxError("--include-weights and --exclude-weights cannot be used together")
     inp = Path(input)
-    out = None if dry_run or output is None else Path(output)
-    if out is None and not dry_run:
-        raise LlqxError("an output path is required unless dry_run is set")
-    _check_paths(inp, out)
+    out: Path | None = None
+    if not dry_run:
+        out_name = os.fspath(output) if output is not None else default_output_path(inp, ft, keep_split)
+        if keep_split and ".gguf" in out_name:  # upstream: the prefix loses its suffix
+            out_name = out_name[: -len(".gguf")]
+        out = Path(out_name)
+    info = _check_paths(inp, out)
+
+    overrides: list[tuple[str, int]] = []
+    if tensor_type_file is not None:
+        overrides += read_tensor_type_file(tensor_type_file)
+    for item in tensor_types:
+        if isinstance(item, str):
+            overrides.append(parse_tensor_type(item))
+        else:
+            pattern, tt = item
+            overrides.append((pattern.lower(), ggml_type(tt).id))
+    layers = parse_prune_layers(prune_layers) if isinstance(prune_layers, str) else sorted(
+        {int(x) for x in prune_layers})
+    if any(x < 0 for x in layers):
+        raise LlqxError(f"invalid layer id in prune_layers {layers}")
+    if max_buffer_size_mib < 0:
+        raise LlqxError(f"invalid max buffer size {max_buffer_size_mib} MiB")
 
     req = _core.QuantizeRequest()
     req.input = os.fspath(inp)
-    req.nthread = nthread
+    req.nthread = int(nthread)
     req.ftype = ft.ftype
     req.only_copy = ft.name == "COPY"
     req.output_tensor_type = _type_id(output_tensor_type)
@@ -185,17 +303,23 @@ def quantize(
     req.pure = pure
     req.keep_split = keep_split
     req.dry_run = dry_run
-    req.max_buf_size = max(0, max_buffer_size_mib) * 1024 * 1024
-    req.prune_layers = sorted({int(x) for x in prune_layers})
-    for pattern, tt in tensor_types:
-        req.add_tensor_override(pattern.lower(), ggml_type(tt).id)
+    req.max_buf_size = int(max_buffer_size_mib) * 1024 * 1024
+    req.prune_layers = layers
+    for pattern, tid in overrides:
+        req.add_tensor_override(pattern, tid)
 
     kv_overrides = [parse_kv_override(s) for s in override_kv]
     if imatrix is not None:
         im = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
         label = imatrix_label if imatrix_label is not None else (
             "" if isinstance(imatrix, Imatrix) else os.fspath(imatrix))
+        if not im.legacy and not im.has_metadata:
+            raise LlqxError(f"missing imatrix metadata (datasets, chunk_count, chunk_size) in {label}")
         sel = select_imatrix(im, include_weights, exclude_weights)
+        if check_imatrix:
+            if not im.entries:
+                raise LlqxError(f"imatrix {label} holds no entries")
+            check_imatrix_fits(ImatrixSelection(im.quantize_weights()), info, label)
         if sel.weights:
             for name, values in sel.weights.items():
                 req.add_imatrix(name, values)
@@ -209,13 +333,20 @@ def quantize(
 
     if out is None:
         req.output = ""
+        if on_start is not None:
+            on_start()
         run_model_quantize(req)
         return None
 
     # llama.cpp writes straight to its output path: give it a private one and rename when done
-    tmpdir = Path(tempfile.mkdtemp(prefix="." + out.name + ".llqx-", dir=out.parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix="." + out.name + ".llqx-", dir=out.parent))
+    except OSError as exc:
+        raise LlqxError(f"cannot write to the output directory {out.parent}: {exc.strerror}") from None
     try:
         req.output = os.fspath(tmpdir / out.name)
+        if on_start is not None:
+            on_start()
         run_model_quantize(req)
         produced = sorted(tmpdir.iterdir())
         if not produced:
@@ -223,7 +354,5 @@ def quantize(
         for f in produced:
             os.replace(f, out.parent / f.name)
     finally:
-        for f in tmpdir.glob("*"):
-            f.unlink(missing_ok=True)
-        tmpdir.rmdir()
-    return out
+        _remove_tree(tmpdir)
+    return out.parent / produced[0].name if keep_split else out

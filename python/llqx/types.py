@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 
@@ -101,14 +102,23 @@ FILE_TYPES: tuple[FileType, ...] = (
 )
 
 
-def file_type(text: str) -> FileType | None:
-    """Parse a file type as llama-quantize does: a name (any case) first, then a number."""
+def c_stoi(text: str) -> int | None:
+    """std::stoi: optional leading whitespace and sign, then digits; the rest is ignored. None on failure."""
+    m = re.match(r"[ \t\n\v\f\r]*([+-]?\d+)", text)
+    if m is None:
+        return None
+    value = int(m.group(1))
+    return value if -(2**31) <= value < 2**31 else None
+
+
+def file_type(text: str | int) -> FileType | None:
+    """Parse a file type as llama-quantize does: a name (any case) first, then a number (std::stoi)."""
+    text = str(text)
     upper = text.upper()
     for ft in FILE_TYPES:
         if ft.name == upper:
             return ft
-    try:
-        number = int(text.strip())
-    except ValueError:
+    number = c_stoi(text)
+    if number is None:
         return None
     return next((ft for ft in FILE_TYPES if ft.ftype == number), None)
