@@ -38,6 +38,20 @@ def upstream_tool(name: str) -> Path:
     )
 
 
+def subprocess_env() -> dict[str, str]:
+    """Environment for a child Python that imports the same llqx as this test process.
+
+    That is the installed package in CI and python/ in a dev build; never the bare source tree,
+    which has no compiled _core in a fresh clone.
+    """
+    import llqx
+
+    env = dict(os.environ)
+    pkg_root = str(Path(llqx.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 @pytest.fixture(scope="session")
 def llama_quantize() -> Path:
     return upstream_tool("llama-quantize")

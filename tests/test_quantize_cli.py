@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import llqx
+from conftest import subprocess_env
 from llqx import cli, cli_quantize
 from llqx.imatrix import Imatrix, ImatrixEntry
 
@@ -27,9 +28,7 @@ THREADS = "2"
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "python") + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return subprocess_env()
 
 
 def _run(cmd: list[object], **kw: object) -> subprocess.CompletedProcess[str]:
