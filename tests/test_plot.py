@@ -12,7 +12,7 @@ import pytest
 
 import llqx
 from llqx import _core, cli
-from llqx.plot import parse_plan, parse_state
+from llqx.plot import fill_bytes, parse_plan, parse_state
 
 pytest.importorskip("matplotlib", reason="plots are the optional extra llqx[plot]")  # noqa: not a silent pass
 
@@ -86,6 +86,23 @@ def test_state_curves_from_real_errors(smollm2_f16: Path, tmp_path: Path) -> Non
     assert cli.main(["plot", str(path), "-o", str(out), "--tensor", r"ffn_down", "-q"]) == 0
     assert _png_size(out)[0] > 400
     assert cli.main(["plot", str(path), "-o", str(out), "--tensor", "nothing_like_this"]) == 1
+
+    # the llqx state file's layout: parallel type/error lists, bytes from the model's shapes
+    llqx_state = {"format": "llqx-state", "key": {"candidates": {}},
+                  "tensors": {n: {"types": [c["type"] for c in v["candidates"]],  # type: ignore[index]
+                                  "errors": [c["error"] for c in v["candidates"]], "rows": 64}  # type: ignore[index]
+                              for n, v in state.items()}}
+    curves2 = parse_state(llqx_state)
+    assert all(c.bytes is None for cs in curves2.values() for c in cs)
+    fill_bytes(curves2, smollm2_f16)
+    info = llqx.inspect(smollm2_f16)
+    for name, cs in curves2.items():
+        n_rows = info.tensor(name).n_rows
+        sampled = {c["type"]: c["bytes"] for c in state[name]["candidates"]}  # type: ignore[index]
+        assert {c.type: c.bytes for c in cs} == {t: b // 64 * n_rows for t, b in sampled.items()}
+    path.write_text(json.dumps(llqx_state), encoding="utf-8")
+    assert cli.main(["plot", str(path), "-o", str(out), "-m", str(smollm2_f16), "-q"]) == 0
+    assert cli.main(["plot", str(path), "-o", str(out), "-q"]) == 0  # nominal bpw axis without the model
 
 
 def test_plot_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

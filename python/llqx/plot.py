@@ -5,13 +5,17 @@ Accepted inputs (JSON), read tolerantly so that the target-bpw engine's files an
 Plan (what type each tensor gets) -> heat map of bits per weight per layer and tensor kind:
   * a list of entries, or an object holding one under ``"tensors"``, ``"plan"`` or ``"entries"``;
     each entry ``{"name": str, "type": str|int, "bpw": float?, "error": float?, "n_elements": int?}``
+    (``"elements"`` is read as ``"n_elements"``; the llqx plan's ``to_dict()`` is such an object)
     (``bpw`` defaults to the type's nominal bits per weight; ``"tensor"`` is accepted for ``"name"``);
   * or an object mapping tensor name -> ggml type name, or tensor name -> entry as above.
 
 State (per-tensor candidate curves) -> error vs bytes of chosen tensors:
   * an object mapping tensor name -> ``{"candidates": [{"type": ..., "bytes": int, "error": float}, ...]}``
     (a bare list of candidates is accepted too), possibly wrapped in ``"tensors"`` or ``"curves"``;
-    other top-level keys (version, keys, metadata) are ignored.
+  * or tensor name -> ``{"types": [type, ...], "errors": [float, ...]}`` (parallel lists, the llqx
+    state file's layout); bytes then come from the model (``--model``: the tensor's shape and
+    llama.cpp's row size of each type) or, without it, the x axis is the type's nominal bits per weight.
+  Other top-level keys (format, key, metadata) are ignored.
 
 ``kind of file`` is detected: a file with candidate curves is a state, one with tensor types a plan.
 """
@@ -44,7 +48,7 @@ class PlanEntry:
 @dataclass
 class Candidate:
     type: str
-    bytes: int
+    bytes: int | None
     error: float
 
 
@@ -97,9 +101,10 @@ def parse_plan(doc: Any) -> list[PlanEntry]:
         elif isinstance(e, dict) and "type" in e:
             t = _type_name(e["type"])
             bpw = e.get("bpw")
+            n = e.get("n_elements", e.get("elements"))
             out.append(PlanEntry(name, t, float(bpw) if bpw is not None else _nominal_bpw(t),
                                  float(e["error"]) if e.get("error") is not None else None,
-                                 int(e["n_elements"]) if e.get("n_elements") is not None else None))
+                                 int(n) if n is not None else None))
     return out
 
 
@@ -110,16 +115,40 @@ def parse_state(doc: Any) -> dict[str, list[Candidate]]:
     if not isinstance(doc, dict):
         return out
     for name, v in doc.items():
-        cands = v.get("candidates") if isinstance(v, dict) else v
-        if not isinstance(cands, list):
-            continue
         cs = []
-        for c in cands:
-            if isinstance(c, dict) and {"type", "bytes", "error"} <= c.keys():
-                cs.append(Candidate(_type_name(c["type"]), int(c["bytes"]), float(c["error"])))
+        if isinstance(v, dict) and isinstance(v.get("types"), list) and isinstance(v.get("errors"), list):
+            nbytes = v.get("bytes") if isinstance(v.get("bytes"), list) else [None] * len(v["types"])
+            for t, e, b in zip(v["types"], v["errors"], nbytes):
+                if isinstance(e, (int, float)):
+                    cs.append(Candidate(_type_name(t), int(b) if b is not None else None, float(e)))
+        else:
+            cands = v.get("candidates") if isinstance(v, dict) else v
+            for c in cands if isinstance(cands, list) else []:
+                if isinstance(c, dict) and {"type", "error"} <= c.keys():
+                    b = c.get("bytes")
+                    cs.append(Candidate(_type_name(c["type"]), int(b) if b is not None else None, float(c["error"])))
         if cs:
-            out[str(name)] = sorted(cs, key=lambda c: c.bytes)
+            out[str(name)] = sorted(cs, key=lambda c: (c.bytes if c.bytes is not None else -1, _nominal_bpw(c.type)))
     return out
+
+
+def fill_bytes(curves: dict[str, list[Candidate]], model: str | os.PathLike[str]) -> None:
+    """Bytes of every candidate from the model's tensor shapes (llama.cpp's row size of the type)."""
+    from .model import inspect
+
+    info = inspect(model)
+    shapes = {t.name: t for t in info.tensors}
+    for name, cs in curves.items():
+        t = shapes.get(name)
+        if t is None:
+            continue
+        for c in cs:
+            if c.bytes is None:
+                try:
+                    c.bytes = ggml_type(c.type).row_size(t.n_per_row) * t.n_rows
+                except (LlqxError, ValueError):
+                    pass
+        cs.sort(key=lambda c: (c.bytes if c.bytes is not None else -1, _nominal_bpw(c.type)))
 
 
 def _pyplot() -> Any:
@@ -221,17 +250,22 @@ def plot_state(curves: dict[str, list[Candidate]], out: str | os.PathLike[str], 
     missing = [t for t in chosen if t not in curves]
     if missing:
         raise LlqxError(f"not in the state file: {', '.join(missing[:5])}")
+    by_bytes = all(c.bytes is not None for name in chosen for c in curves[name])
+
+    def x_of(c: Candidate) -> float:
+        return float(c.bytes) if by_bytes and c.bytes is not None else _nominal_bpw(c.type)
+
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
     for name in chosen:
-        cs = curves[name]
-        pos = [c for c in cs if c.error > 0 and c.bytes > 0]
-        line = ax.plot([c.bytes for c in pos], [c.error for c in pos], "o-", ms=3, label=name)[0]
+        pos = sorted((c for c in curves[name] if c.error > 0 and x_of(c) > 0), key=x_of)
+        line = ax.plot([x_of(c) for c in pos], [c.error for c in pos], "o-", ms=3, label=name)[0]
         for c in pos:
-            ax.annotate(c.type, (c.bytes, c.error), textcoords="offset points", xytext=(3, 2), fontsize=5,
+            ax.annotate(c.type, (x_of(c), c.error), textcoords="offset points", xytext=(3, 2), fontsize=5,
                         color=line.get_color())
-    ax.set_xscale("log")
+    if by_bytes:
+        ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("bytes")
+    ax.set_xlabel("bytes" if by_bytes else "bits per weight (nominal, of the type)")
     ax.set_ylabel("estimated error")
     ax.set_title(title or "candidate error vs bytes", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -244,12 +278,15 @@ def plot_state(curves: dict[str, list[Candidate]], out: str | os.PathLike[str], 
 
 
 def plot_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-              tensors: list[str] | None = None, kind: str = "auto") -> Path:
-    """Plot a plan (heat map) or a state file (curves); the kind is detected unless given."""
+              tensors: list[str] | None = None, kind: str = "auto", model: str | os.PathLike[str] | None = None) -> Path:
+    """Plot a plan (heat map) or a state file (curves); the kind is detected unless given. ``model`` gives
+    the tensor shapes for state files that hold no byte counts."""
     src = Path(path)
     doc = load_json(src)
     curves = parse_state(doc) if kind in ("auto", "curves") else {}
     if curves:
+        if model is not None:
+            fill_bytes(curves, model)
         if tensors:
             pattern = [re.compile(t) for t in tensors]
             chosen = [n for n in curves if any(p.search(n) for p in pattern)]
