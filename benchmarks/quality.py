@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--work-dir", default=None, help="quants, imatrix, state (default: $LLQX_CACHE_DIR/bench/<name>)")
+    ap.add_argument("--no-eval-cache", action="store_true", help="do not cache the base model's log-probs")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     try:
@@ -262,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with eval_progress(args.eval_ctx, enabled=not args.quiet) as on_progress:
         result = llqx.evaluate(model, quants, text, ctx=args.eval_ctx, chunks=n_chunk, threads=args.threads,
-                               on_progress=on_progress)
+                               cache=not args.no_eval_cache, on_progress=on_progress)
     times["eval_s"] = time.perf_counter() - t0
     if result.n_chunk < n_chunk:
         log(f"warning: the wiki slice gave only {result.n_chunk} of {n_chunk} chunks")

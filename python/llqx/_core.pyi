@@ -1,0 +1,80 @@
+"""Type stubs for llqx._core, the C++ core on llama.cpp's public API."""
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+# ---- eval (bind_eval.cpp) --------------------------------------------------------------------
+
+def eval_row_size(n_vocab: int) -> int: ...
+def eval_n_scored(n_ctx: int) -> int: ...
+def eval_tokenize(model_path: str, text: str) -> tuple[npt.NDArray[np.int32], int]: ...
+def eval_base(
+    model_path: str, tokens: npt.NDArray[np.int32], n_chunk: int, rows: npt.NDArray[np.uint16],
+    nll: npt.NDArray[np.float32], n_vocab: int, n_ctx: int, n_threads: int = 1, n_gpu_layers: int = 0,
+    repack: bool = False, progress: Callable[[int, int], bool | None] | None = None,
+) -> None: ...
+def eval_compare(
+    model_path: str, tokens: npt.NDArray[np.int32], n_chunk: int, rows: npt.NDArray[np.uint16], n_vocab: int,
+    n_ctx: int, n_threads: int = 1, n_gpu_layers: int = 0, repack: bool = False,
+    progress: Callable[[int, int], bool | None] | None = None,
+) -> dict[str, npt.NDArray[Any]]: ...
+
+# ---- log (bind_log.cpp) ----------------------------------------------------------------------
+
+def log_set(callback: Callable[[int, str], None] | None) -> None: ...
+
+# ---- model (bind_model.cpp) ------------------------------------------------------------------
+
+def model_inspect(path: str) -> dict[str, Any]: ...
+
+# ---- quantize (bind_quantize.cpp) ------------------------------------------------------------
+
+class KvOverride:
+    key: str
+    tag: int  # 0 int, 1 float, 2 bool, 3 str
+    val_i64: int
+    val_f64: float
+    val_bool: bool
+    val_str: str | bytes
+    def __init__(self) -> None: ...
+
+class QuantizeRequest:
+    input: str
+    output: str
+    nthread: int
+    ftype: int
+    output_tensor_type: int
+    token_embedding_type: int
+    allow_requantize: bool
+    quantize_output_tensor: bool
+    only_copy: bool
+    pure: bool
+    keep_split: bool
+    dry_run: bool
+    max_buf_size: int
+    kv_overrides: list[KvOverride]
+    prune_layers: list[int]
+    def __init__(self) -> None: ...
+    def add_tensor_override(self, pattern: str, type: int) -> None: ...
+    @property
+    def tensor_overrides(self) -> list[tuple[str, int]]: ...
+    def add_imatrix(self, name: str, values: npt.ArrayLike) -> None: ...
+    @property
+    def imatrix_names(self) -> list[str]: ...
+
+def model_quantize(request: QuantizeRequest) -> None: ...
+
+# ---- types (bind_types.cpp) ------------------------------------------------------------------
+
+def type_count() -> int: ...
+def type_info(type: int) -> dict[str, Any] | None: ...
+def type_from_name(name: str) -> int: ...
+def row_size(type: int, n_per_row: int) -> int: ...
+def quantize_init(type: int) -> None: ...
+def quantize_rows(
+    type: int, src: npt.ArrayLike, imatrix: npt.ArrayLike | None = None
+) -> npt.NDArray[np.uint8]: ...
+def dequantize_rows(type: int, src: npt.ArrayLike, n_per_row: int) -> npt.NDArray[np.float32]: ...
