@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import llqx
@@ -51,7 +51,9 @@ class ModelAlias:
 
 ALIASES: dict[str, ModelAlias] = {
     "smollm2": ModelAlias(data.smollm2_f16, "reference: dequantized Q4_1 (SmolLM2-135M-Instruct)"),
-    "qwen-coder": ModelAlias(data.qwen_coder_f16, "reference: dequantized Q4_K_M (Qwen2.5-Coder-1.5B-Instruct)"),
+    "qwen-coder": ModelAlias(
+        data.qwen_coder_f16, "reference: dequantized Q4_K_M (Qwen2.5-Coder-1.5B-Instruct)"
+    ),
 }
 
 
@@ -71,7 +73,9 @@ def upstream_tool(name: str) -> Path:
     found = shutil.which(name)
     if found:
         return Path(found)
-    raise LlqxError(f"upstream {name} not found: set LLQX_UPSTREAM_BIN or build with LLQX_BUILD_UPSTREAM_TOOLS=ON")
+    raise LlqxError(
+        f"upstream {name} not found: set LLQX_UPSTREAM_BIN or build with LLQX_BUILD_UPSTREAM_TOOLS=ON"
+    )
 
 
 def run_cmd(cmd: list[object], what: str) -> float:
@@ -102,8 +106,25 @@ def build_imatrix(model: Path, out: Path, chunks: int, ctx: int, threads: int) -
         return time.perf_counter() - t0, "llqx.collect_imatrix"
     calib_file = out.with_suffix(".c4.txt")
     calib_file.write_text(calib, encoding="utf-8")
-    run_cmd([upstream_tool("llama-imatrix"), "-m", model, "-f", calib_file, "-o", out, "-c", ctx,
-             "--chunks", chunks, "-t", threads, "--no-ppl"], "llama-imatrix")
+    run_cmd(
+        [
+            upstream_tool("llama-imatrix"),
+            "-m",
+            model,
+            "-f",
+            calib_file,
+            "-o",
+            out,
+            "-c",
+            ctx,
+            "--chunks",
+            chunks,
+            "-t",
+            threads,
+            "--no-ppl",
+        ],
+        "llama-imatrix",
+    )
     return time.perf_counter() - t0, "upstream llama-imatrix"
 
 
@@ -176,18 +197,26 @@ def atomic_write_text(path: Path, content: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="alias (" + ", ".join(ALIASES) + ") or a GGUF path (F16/BF16/F32)")
-    ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help="comma-separated llama-quantize types")
-    ap.add_argument("--skip-llqx", action="store_true", help="only the recipes (llqx's target mode not needed)")
+    ap.add_argument(
+        "--recipes", default=",".join(DEFAULT_RECIPES), help="comma-separated llama-quantize types"
+    )
+    ap.add_argument(
+        "--skip-llqx", action="store_true", help="only the recipes (llqx's target mode not needed)"
+    )
     ap.add_argument("--reference", default=None, help="what the base model is (default: from the alias)")
     ap.add_argument("--name", default=None, help="result file name (default: alias or model file stem)")
-    ap.add_argument("--eval-tokens", type=int, default=MIN_EVAL_TOKENS, help="scored wiki tokens (default 8192)")
+    ap.add_argument(
+        "--eval-tokens", type=int, default=MIN_EVAL_TOKENS, help="scored wiki tokens (default 8192)"
+    )
     ap.add_argument("--eval-ctx", type=int, default=512, help="evaluation chunk size (default 512)")
     ap.add_argument("--calib-chunks", type=int, default=32, help="imatrix chunks of c4 (default 32)")
     ap.add_argument("--calib-ctx", type=int, default=512, help="imatrix chunk size (default 512)")
     ap.add_argument("--imatrix", default=None, help="use this imatrix instead of building one")
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--work-dir", default=None, help="quants, imatrix, state (default: $LLQX_CACHE_DIR/bench/<name>)")
+    ap.add_argument(
+        "--work-dir", default=None, help="quants, imatrix, state (default: $LLQX_CACHE_DIR/bench/<name>)"
+    )
     ap.add_argument("--no-eval-cache", action="store_true", help="do not cache the base model's log-probs")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -227,7 +256,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         imatrix = work / "imatrix-c4.gguf"
         log(f"imatrix: {args.calib_chunks} chunks of {args.calib_ctx} tokens of c4 ...")
-        times["imatrix_s"], im_how = build_imatrix(model, imatrix, args.calib_chunks, args.calib_ctx, args.threads)
+        times["imatrix_s"], im_how = build_imatrix(
+            model, imatrix, args.calib_chunks, args.calib_ctx, args.threads
+        )
         log(f"imatrix: {times['imatrix_s']:.1f} s ({im_how})")
 
     # 2. recipes
@@ -236,7 +267,9 @@ def run(args: argparse.Namespace) -> int:
     recipe_times: dict[str, float] = {}
     for r in recipes:
         out = work / f"{name}-{r}.gguf"
-        recipe_times[r] = run_cmd([quantize, "--imatrix", imatrix, model, out, r, args.threads], f"llama-quantize {r}")
+        recipe_times[r] = run_cmd(
+            [quantize, "--imatrix", imatrix, model, out, r, args.threads], f"llama-quantize {r}"
+        )
         recipe_files[r] = out
         log(f"recipe {r}: {llqx.inspect(out).bpw:.4f} bpw in {recipe_times[r]:.1f} s")
 
@@ -249,8 +282,18 @@ def run(args: argparse.Namespace) -> int:
         for r in recipes:
             target = llqx.inspect(recipe_files[r]).bpw
             out = work / f"{name}-llqx-{target:.4f}.gguf"
-            cmd = [*llqx_quantize_cmd(), "--target-bpw", f"{target:.6f}", "--imatrix", str(imatrix),
-                   "--state-file", str(state), str(model), str(out), str(args.threads)]
+            cmd = [
+                *llqx_quantize_cmd(),
+                "--target-bpw",
+                f"{target:.6f}",
+                "--imatrix",
+                str(imatrix),
+                "--state-file",
+                str(state),
+                str(model),
+                str(out),
+                str(args.threads),
+            ]
             llqx_times[r] = run_cmd(list(cmd), f"llqx-quantize --target-bpw {target:.4f}")
             llqx_files[r] = out
             log(f"llqx @ {target:.4f}: {llqx.inspect(out).bpw:.4f} bpw in {llqx_times[r]:.1f} s")
@@ -262,8 +305,16 @@ def run(args: argparse.Namespace) -> int:
     quants = [recipe_files[r] for r in recipes] + [llqx_files[r] for r in recipes if r in llqx_files]
     t0 = time.perf_counter()
     with eval_progress(args.eval_ctx, enabled=not args.quiet) as on_progress:
-        result = llqx.evaluate(model, quants, text, ctx=args.eval_ctx, chunks=n_chunk, threads=args.threads,
-                               cache=not args.no_eval_cache, on_progress=on_progress)
+        result = llqx.evaluate(
+            model,
+            quants,
+            text,
+            ctx=args.eval_ctx,
+            chunks=n_chunk,
+            threads=args.threads,
+            cache=not args.no_eval_cache,
+            on_progress=on_progress,
+        )
     times["eval_s"] = time.perf_counter() - t0
     if result.n_chunk < n_chunk:
         log(f"warning: the wiki slice gave only {result.n_chunk} of {n_chunk} chunks")
@@ -273,7 +324,11 @@ def run(args: argparse.Namespace) -> int:
     for r in recipes:
         rq = by_path[str(recipe_files[r])]
         lq = by_path.get(str(llqx_files[r])) if r in llqx_files else None
-        pt: dict[str, object] = {"recipe": r, **quant_record("recipe", rq), "recipe_quantize_s": recipe_times[r]}
+        pt: dict[str, object] = {
+            "recipe": r,
+            **quant_record("recipe", rq),
+            "recipe_quantize_s": recipe_times[r],
+        }
         if lq is not None:
             pt.update(quant_record("llqx", lq))
             pt["llqx_quantize_s"] = llqx_times[r]
@@ -290,9 +345,16 @@ def run(args: argparse.Namespace) -> int:
         "eval_text": "wiki (exllamav2 0.3.2 standard_cal_data/wiki.utf8), held out",
         "calib_text": "c4 (exllamav2 0.3.2 standard_cal_data/c4.utf8)",
         "imatrix": {"path": str(imatrix), "how": im_how, "chunks": args.calib_chunks, "ctx": args.calib_ctx},
-        "eval": {"ctx": result.ctx, "chunks": result.n_chunk, "scored_tokens": result.n_tokens,
-                 "quick_run": quick, "base_ppl": result.base.ppl.value, "base_ppl_err": result.base.ppl.err,
-                 "base_bpw": result.base.bpw, "base_eval_s": result.base.seconds},
+        "eval": {
+            "ctx": result.ctx,
+            "chunks": result.n_chunk,
+            "scored_tokens": result.n_tokens,
+            "quick_run": quick,
+            "base_ppl": result.base.ppl.value,
+            "base_ppl_err": result.base.ppl.err,
+            "base_bpw": result.base.bpw,
+            "base_eval_s": result.base.seconds,
+        },
         "threads": args.threads,
         "times": times,
         "llqx_skipped": args.skip_llqx,
@@ -304,27 +366,42 @@ def run(args: argparse.Namespace) -> int:
 
     md = [f"# Quality benchmark: {name}", "", f"*{reference}*", ""]
     if quick:
-        md += [f"**Quick run: only {result.n_tokens:,} scored tokens (< {MIN_EVAL_TOKENS:,}); not a benchmark "
-               f"result.**", ""]
+        md += [
+            f"**Quick run: only {result.n_tokens:,} scored tokens (< {MIN_EVAL_TOKENS:,}); not a benchmark "
+            f"result.**",
+            "",
+        ]
     md += [
-        f"Evaluation: {result.n_tokens:,} scored tokens of held-out wiki ({result.n_chunk} chunks of {result.ctx}); "
-        f"imatrix: {args.calib_chunks} chunks of {args.calib_ctx} tokens of c4 ({im_how}); {args.threads} threads.",
+        f"Evaluation: {result.n_tokens:,} scored tokens of held-out wiki "
+        f"({result.n_chunk} chunks of {result.ctx}); imatrix: {args.calib_chunks} chunks of "
+        f"{args.calib_ctx} tokens of c4 ({im_how}); {args.threads} threads.",
         "",
-        "| recipe | recipe bpw | recipe KLD | recipe same top | llqx bpw | llqx KLD | llqx same top | KLD ratio |",
+        "| recipe | recipe bpw | recipe KLD | recipe same top "
+        "| llqx bpw | llqx KLD | llqx same top | KLD ratio |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
+
         def f(key: str, fmt: str, p: dict[str, object] = p) -> str:
             v = p.get(key)
             return fmt.format(v) if isinstance(v, (int, float)) else "-"
-        md.append(f"| {p['recipe']} | {f('recipe_bpw', '{:.4f}')} | {f('recipe_kld', '{:.5f}')} ± "
-                  f"{f('recipe_kld_err', '{:.5f}')} | {f('recipe_same_top', '{:.2%}')} | {f('llqx_bpw', '{:.4f}')} | "
-                  f"{f('llqx_kld', '{:.5f}')} | {f('llqx_same_top', '{:.2%}')} | {f('kld_ratio', '{:.3f}')} |")
+
+        md.append(
+            f"| {p['recipe']} | {f('recipe_bpw', '{:.4f}')} | {f('recipe_kld', '{:.5f}')} ± "
+            f"{f('recipe_kld_err', '{:.5f}')} | {f('recipe_same_top', '{:.2%}')} | "
+            f"{f('llqx_bpw', '{:.4f}')} | {f('llqx_kld', '{:.5f}')} | {f('llqx_same_top', '{:.2%}')} | "
+            f"{f('kld_ratio', '{:.3f}')} |"
+        )
     if geo is not None:
-        md += ["", f"Geometric mean of KLD(llqx)/KLD(recipe): **{geo:.3f}** (< 1: llqx better at the same size)."]
+        md += [
+            "",
+            f"Geometric mean of KLD(llqx)/KLD(recipe): **{geo:.3f}** (< 1: llqx better at the same size).",
+        ]
     md += ["", "## Model card table", "", markdown_table(result), "", "## Times (s)", ""]
-    md.append(f"imatrix {times['imatrix_s']:.1f}; evaluation {times['eval_s']:.1f} "
-              f"(base {result.base.seconds:.1f}{', cached' if result.base.cached else ''})")
+    md.append(
+        f"imatrix {times['imatrix_s']:.1f}; evaluation {times['eval_s']:.1f} "
+        f"(base {result.base.seconds:.1f}{', cached' if result.base.cached else ''})"
+    )
     for r in recipes:
         line = f"- {r}: llama-quantize {recipe_times[r]:.1f}"
         if r in llqx_times:

@@ -39,8 +39,13 @@ def q4_0(tmp_path_factory: pytest.TempPathFactory, llama_quantize: Path, smollm2
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory, llama_perplexity: Path, smollm2_f16: Path, q4_0: Path,
-             eval_text: Path) -> dict[str, object]:
+def upstream(
+    tmp_path_factory: pytest.TempPathFactory,
+    llama_perplexity: Path,
+    smollm2_f16: Path,
+    q4_0: Path,
+    eval_text: Path,
+) -> dict[str, object]:
     """llama-perplexity's base pass and KL-divergence pass (-b = -c: one sequence per batch, as llqx; -nr as
     llqx's default, since ggml's AMX path crashes on Q4_0)."""
     d = tmp_path_factory.mktemp("upstream")
@@ -54,7 +59,9 @@ def upstream(tmp_path_factory: pytest.TempPathFactory, llama_perplexity: Path, s
 
 
 @pytest.fixture(scope="module")
-def ours(smollm2_f16: Path, q4_0: Path, eval_text: Path, tmp_path_factory: pytest.TempPathFactory) -> llqx.EvalResult:
+def ours(
+    smollm2_f16: Path, q4_0: Path, eval_text: Path, tmp_path_factory: pytest.TempPathFactory
+) -> llqx.EvalResult:
     mp = pytest.MonkeyPatch()
     mp.setenv("LLQX_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     try:
@@ -70,7 +77,8 @@ def _rel(a: float, b: float) -> float:
 def test_agrees_with_llama_perplexity(ours: llqx.EvalResult, upstream: dict[str, object]) -> None:
     log = str(upstream["kld_log"])
     q = ours.quants[0]
-    assert ours.n_chunk == CHUNKS and q.n_tokens == CHUNKS * (CTX - 1 - CTX // 2)
+    assert ours.n_chunk == CHUNKS
+    assert q.n_tokens == CHUNKS * (CTX - 1 - CTX // 2)
     assert _rel(ours.base.ppl.value, float(upstream["base_ppl"])) < 1e-3
     assert _rel(q.ppl.value, _value(log, "Mean PPL(Q)")) < 1e-3
     assert _rel(q.ppl_base.value, _value(log, "Mean PPL(base)")) < 1e-3
@@ -83,25 +91,33 @@ def test_agrees_with_llama_perplexity(ours: llqx.EvalResult, upstream: dict[str,
     assert abs(100 * q.same_top.value - _value(log, "Same top p")) < 1e-3
     assert abs(100 * q.dp_rms.value - _value(log, "RMS Δp")) < 2e-3
     # a real quantization loss, not a degenerate comparison
-    assert q.kld_mean.value > 0.01 and q.ppl.value > ours.base.ppl.value
-    assert q.kld_mean.err is not None and 0 < q.kld_mean.err < q.kld_mean.value
+    assert q.kld_mean.value > 0.01
+    assert q.ppl.value > ours.base.ppl.value
+    assert q.kld_mean.err is not None
+    assert 0 < q.kld_mean.err < q.kld_mean.value
 
 
 def test_base_cache_is_llama_perplexity_format(
-    ours: llqx.EvalResult, upstream: dict[str, object], smollm2_f16: Path, q4_0: Path, eval_text: Path,
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    ours: llqx.EvalResult,
+    upstream: dict[str, object],
+    smollm2_f16: Path,
+    q4_0: Path,
+    eval_text: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The cached base rows are upstream's logits-file rows; a second run reuses them bit for bit."""
     monkeypatch.setenv("LLQX_CACHE_DIR", str(tmp_path))
     first = llqx.evaluate(smollm2_f16, [q4_0], eval_text, ctx=CTX, chunks=CHUNKS, threads=THREADS)
     rows_files = list((tmp_path / "eval").glob("*.rows"))
-    assert len(rows_files) == 1 and not first.base.cached
+    assert len(rows_files) == 1
+    assert not first.base.cached
     assert not [p for p in (tmp_path / "eval").iterdir() if p.name.startswith(".")]  # no temp files left
     raw = Path(str(upstream["logits"])).read_bytes()
     n_ctx, n_vocab, n_chunk = np.frombuffer(raw[8:20], dtype=np.int32)
     assert (n_ctx, n_chunk) == (CTX, CHUNKS)
     row_size = 2 * ((n_vocab + 1) // 2) + 4
-    up_rows = np.frombuffer(raw[20 + 4 * n_ctx * n_chunk:], dtype=np.uint16).reshape(-1, row_size)
+    up_rows = np.frombuffer(raw[20 + 4 * n_ctx * n_chunk :], dtype=np.uint16).reshape(-1, row_size)
     our_rows = np.fromfile(rows_files[0], dtype=np.uint16).reshape(-1, row_size)
     assert our_rows.shape == up_rows.shape
     # the same decode gives the same bits up to rare last-bit rounding of a logit
@@ -132,20 +148,44 @@ def test_token_statistics_against_numpy() -> None:
     assert s["dp_rms"].value == pytest.approx(np.sqrt((p_diff.astype(np.float64) ** 2).mean()), rel=1e-9)  # type: ignore[attr-defined]
 
 
-def test_cli_json_and_markdown(smollm2_f16: Path, q4_0: Path, eval_text: Path, tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_json_and_markdown(
+    smollm2_f16: Path,
+    q4_0: Path,
+    eval_text: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setenv("LLQX_CACHE_DIR", str(tmp_path))
-    argv = ["eval", str(smollm2_f16), str(q4_0), "-f", str(eval_text), "-c", "128", "--chunks", "2", "-t", "2"]
+    argv = [
+        "eval",
+        str(smollm2_f16),
+        str(q4_0),
+        "-f",
+        str(eval_text),
+        "-c",
+        "128",
+        "--chunks",
+        "2",
+        "-t",
+        "2",
+    ]
     assert cli.main([*argv, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["ctx"] == 128 and doc["n_chunk"] == 2 and doc["n_tokens"] == 2 * 63
+    assert doc["ctx"] == 128
+    assert doc["n_chunk"] == 2
+    assert doc["n_tokens"] == 2 * 63
     q = doc["quants"][0]
-    assert q["kld_mean"]["value"] > 0 and 0 < q["same_top"]["value"] < 1 and q["bpw"] < 6
+    assert q["kld_mean"]["value"] > 0
+    assert 0 < q["same_top"]["value"] < 1
+    assert q["bpw"] < 6
     assert cli.main([*argv, "--markdown"]) == 0
     md = capsys.readouterr().out.strip().splitlines()
     assert md[0].startswith("| Model | BPW | Size (GB) | μPPL | 𝜌PPL | μKLD | Same Top-P |")
-    assert md[2].startswith(f"| {smollm2_f16.stem} | 16.00") and "| 100% | N/A | N/A |" in md[2]
-    assert md[3].startswith(f"| {q4_0.stem} | ") and f"{q['kld_mean']['value']:.6f}" in md[3]
+    assert md[2].startswith(f"| {smollm2_f16.stem} | 16.00")
+    assert "| 100% | N/A | N/A |" in md[2]
+    assert md[3].startswith(f"| {q4_0.stem} | ")
+    assert f"{q['kld_mean']['value']:.6f}" in md[3]
 
 
 def test_cli_errors(smollm2_f16: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

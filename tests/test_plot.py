@@ -7,15 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
+import matplotlib  # noqa: F401  (the llqx[plot] extra: these tests need it and fail, not skip, without it)
 import numpy as np
 import pytest
 
 import llqx
 from llqx import _core, cli
 from llqx.plot import fill_bytes, parse_plan, parse_state
-
-pytest.importorskip("matplotlib", reason="plots are the optional extra llqx[plot]")  # noqa: not a silent pass
-
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -29,16 +28,20 @@ def _png_size(path: Path) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def q3_k_m(tmp_path_factory: pytest.TempPathFactory, llama_quantize: Path, smollm2_f16: Path) -> Path:
     out = tmp_path_factory.mktemp("plotq") / "smollm2-Q3_K_M.gguf"
-    proc = subprocess.run([str(llama_quantize), str(smollm2_f16), str(out), "Q3_K_M", "2"], capture_output=True)
+    proc = subprocess.run(
+        [str(llama_quantize), str(smollm2_f16), str(out), "Q3_K_M", "2"], capture_output=True
+    )
     assert proc.returncode == 0
     return out
 
 
 def test_plan_heatmap_from_a_real_mix(q3_k_m: Path, tmp_path: Path) -> None:
     info = llqx.inspect(q3_k_m)
-    plan = [{"name": t.name, "type": t.type_name, "bpw": 8 * t.nbytes / t.n_elements,
-             "n_elements": t.n_elements}
-            for t in info.tensors if len(t.shape) >= 2 and t.name.endswith("weight")]
+    plan = [
+        {"name": t.name, "type": t.type_name, "bpw": 8 * t.nbytes / t.n_elements, "n_elements": t.n_elements}
+        for t in info.tensors
+        if len(t.shape) >= 2 and t.name.endswith("weight")
+    ]
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"version": 1, "tensors": plan}), encoding="utf-8")
     entries = parse_plan(json.loads(path.read_text()))
@@ -47,7 +50,8 @@ def test_plan_heatmap_from_a_real_mix(q3_k_m: Path, tmp_path: Path) -> None:
     out = tmp_path / "plan.png"
     assert cli.main(["plot", str(path), "-o", str(out), "-q"]) == 0
     w, h = _png_size(out)
-    assert w > 400 and h > 400  # 30 layers tall
+    assert w > 400
+    assert h > 400
     # the other accepted layouts give the same entries
     by_name = {e["name"]: e["type"] for e in plan}
     alt = parse_plan(by_name)
@@ -56,7 +60,6 @@ def test_plan_heatmap_from_a_real_mix(q3_k_m: Path, tmp_path: Path) -> None:
 
 
 def test_state_curves_from_real_errors(smollm2_f16: Path, tmp_path: Path) -> None:
-    gguf = pytest.importorskip("gguf")
     reader = gguf.GGUFReader(str(smollm2_f16))
     wanted = {"blk.0.attn_v.weight", "blk.0.ffn_down.weight", "blk.15.ffn_down.weight"}
     state: dict[str, object] = {}
@@ -71,15 +74,19 @@ def test_state_curves_from_real_errors(smollm2_f16: Path, tmp_path: Path) -> Non
                 continue
             q = _core.quantize_rows(ty.id, w)
             d = np.asarray(_core.dequantize_rows(ty.id, q, w.shape[1])).reshape(w.shape)
-            cands.append({"type": name, "bytes": int(q.size), "error": float(((d - w) ** 2).sum() / (w**2).sum())})
+            cands.append(
+                {"type": name, "bytes": int(q.size), "error": float(((d - w) ** 2).sum() / (w**2).sum())}
+            )
         state[t.name] = {"candidates": cands}
     assert len(state) == 3
     curves = parse_state({"version": 3, "tensors": state})
     # sorted by bytes: the smallest type (Q4_0) errs most, the largest (Q8_0) least
     for cs in curves.values():
         errs = [c.error for c in cs]
-        assert cs[0].type == "Q4_0" and errs[0] == max(errs)
-        assert cs[-1].type == "Q8_0" and errs[-1] == min(errs)
+        assert cs[0].type == "Q4_0"
+        assert errs[0] == max(errs)
+        assert cs[-1].type == "Q8_0"
+        assert errs[-1] == min(errs)
     path = tmp_path / "state.json"
     path.write_text(json.dumps(state), encoding="utf-8")
     out = tmp_path / "curves.png"
@@ -88,10 +95,18 @@ def test_state_curves_from_real_errors(smollm2_f16: Path, tmp_path: Path) -> Non
     assert cli.main(["plot", str(path), "-o", str(out), "--tensor", "nothing_like_this"]) == 1
 
     # the llqx state file's layout: parallel type/error lists, bytes from the model's shapes
-    llqx_state = {"format": "llqx-state", "key": {"candidates": {}},
-                  "tensors": {n: {"types": [c["type"] for c in v["candidates"]],  # type: ignore[index]
-                                  "errors": [c["error"] for c in v["candidates"]], "rows": 64}  # type: ignore[index]
-                              for n, v in state.items()}}
+    llqx_state = {
+        "format": "llqx-state",
+        "key": {"candidates": {}},
+        "tensors": {
+            n: {
+                "types": [c["type"] for c in v["candidates"]],  # type: ignore[index]
+                "errors": [c["error"] for c in v["candidates"]],
+                "rows": 64,
+            }  # type: ignore[index]
+            for n, v in state.items()
+        },
+    }
     curves2 = parse_state(llqx_state)
     assert all(c.bytes is None for cs in curves2.values() for c in cs)
     fill_bytes(curves2, smollm2_f16)
@@ -105,7 +120,9 @@ def test_state_curves_from_real_errors(smollm2_f16: Path, tmp_path: Path) -> Non
     assert cli.main(["plot", str(path), "-o", str(out), "-q"]) == 0  # nominal bpw axis without the model
 
 
-def test_plot_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json", encoding="utf-8")
     assert cli.main(["plot", str(bad)]) == 1

@@ -24,15 +24,35 @@ def _load_bench() -> object:
     return mod
 
 
-def test_quick_recipe_run(smollm2_f16: Path, tmp_path: Path,
-                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_recipe_run(smollm2_f16: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench = _load_bench()
     out_dir, work = tmp_path / "results", tmp_path / "work"
-    rc = bench.main([  # type: ignore[attr-defined]
-        str(smollm2_f16), "--name", "smol", "--recipes", "Q4_0,Q8_0", "--skip-llqx", "--eval-tokens", "200",
-        "--eval-ctx", "128", "--calib-chunks", "2", "--calib-ctx", "128", "-t", "2", "--quiet", "--no-eval-cache",
-        "--out-dir", str(out_dir), "--work-dir", str(work),
-    ])
+    rc = bench.main(
+        [  # type: ignore[attr-defined]
+            str(smollm2_f16),
+            "--name",
+            "smol",
+            "--recipes",
+            "Q4_0,Q8_0",
+            "--skip-llqx",
+            "--eval-tokens",
+            "200",
+            "--eval-ctx",
+            "128",
+            "--calib-chunks",
+            "2",
+            "--calib-ctx",
+            "128",
+            "-t",
+            "2",
+            "--quiet",
+            "--no-eval-cache",
+            "--out-dir",
+            str(out_dir),
+            "--work-dir",
+            str(work),
+        ]
+    )
     assert rc == 0
     doc = json.loads((out_dir / "smol.json").read_text())
     assert doc["eval"]["quick_run"] is True

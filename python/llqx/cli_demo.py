@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from . import data
 from .cli_eval import eval_progress, markdown_table, rich_table
@@ -44,22 +51,32 @@ def _slice(path: Path, chars: int) -> str:
     return path.read_text(encoding="utf-8", errors="replace")[:chars]
 
 
-def _imatrix(model: Path, text: str, out: Path, ctx: int, chunks: int, threads: int, console: Console,
-             quiet: bool) -> Path:
+def _imatrix(
+    model: Path, text: str, out: Path, ctx: int, chunks: int, threads: int, console: Console, quiet: bool
+) -> Path:
     try:
         from . import collect_imatrix  # type: ignore[attr-defined]
     except ImportError:
         raise LlqxError("this llqx build has no imatrix collector (llqx.collect_imatrix)") from None
-    with Progress(TextColumn("imatrix (c4)"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                  disable=quiet) as bar:
+    with Progress(
+        TextColumn("imatrix (c4)"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("chunks"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+    ) as bar:
         task = bar.add_task("imatrix", total=chunks)
 
         def progress(p: object) -> None:
             bar.update(task, completed=getattr(p, "chunks_done", 0), total=getattr(p, "chunks", chunks))
 
-        im = collect_imatrix(model, text, n_ctx=ctx, chunks=chunks, threads=threads, dataset="c4",
-                             progress=progress)
+        im = collect_imatrix(
+            model, text, n_ctx=ctx, chunks=chunks, threads=threads, dataset="c4", progress=progress
+        )
     im.save(out)
     return out
 
@@ -95,8 +112,16 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     imatrix = work / f"{model.stem}.imatrix.gguf"
     say(f"[bold]1/4[/] imatrix from {args.calib_chunks} chunks of {args.ctx} tokens of {calib_path.name}")
-    _imatrix(model, _slice(calib_path, args.calib_chunks * args.ctx * 8), imatrix, args.ctx, args.calib_chunks,
-             threads, console, args.quiet)
+    _imatrix(
+        model,
+        _slice(calib_path, args.calib_chunks * args.ctx * 8),
+        imatrix,
+        args.ctx,
+        args.calib_chunks,
+        threads,
+        console,
+        args.quiet,
+    )
     times["imatrix_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -117,37 +142,57 @@ def run(args: argparse.Namespace) -> int:
     times["quantize_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    say(f"[bold]4/4[/] evaluating against {model.name} on {args.eval_chunks} chunks of {args.ctx} tokens of "
-        f"{eval_path.name}")
+    say(
+        f"[bold]4/4[/] evaluating against {model.name} on {args.eval_chunks} chunks of {args.ctx} tokens of "
+        f"{eval_path.name}"
+    )
     with eval_progress(args.ctx, console=console, enabled=not args.quiet) as on_progress:
-        result = evaluate(model, quants, _slice(eval_path, args.eval_chunks * args.ctx * 8), ctx=args.ctx,
-                          chunks=args.eval_chunks, threads=threads, on_progress=on_progress)
+        result = evaluate(
+            model,
+            quants,
+            _slice(eval_path, args.eval_chunks * args.ctx * 8),
+            ctx=args.ctx,
+            chunks=args.eval_chunks,
+            threads=threads,
+            on_progress=on_progress,
+        )
     times["eval_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - t_start
 
     if args.json:
-        sys.stdout.write(json.dumps({"result": result.to_dict(), "times": times, "out_dir": str(work)}, indent=2)
-                         + "\n")
+        sys.stdout.write(
+            json.dumps({"result": result.to_dict(), "times": times, "out_dir": str(work)}, indent=2) + "\n"
+        )
         return 0
     out = Console() if Console().is_terminal else Console(width=200)
     out.print(rich_table(result))
     out.print(markdown_table(result), markup=False, highlight=False)
-    say(f"done in {times['total_s']:.0f} s (imatrix {times['imatrix_s']:.0f}, scoring {times['score_s']:.0f}, "
-        f"quantize {times['quantize_s']:.0f}, evaluation {times['eval_s']:.0f}); files in {work}")
+    say(
+        f"done in {times['total_s']:.0f} s (imatrix {times['imatrix_s']:.0f}, "
+        f"scoring {times['score_s']:.0f}, quantize {times['quantize_s']:.0f}, "
+        f"evaluation {times['eval_s']:.0f}); files in {work}"
+    )
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
-        "demo", help="imatrix, scoring, quants at three sizes and their evaluation on a small model",
+        "demo",
+        help="imatrix, scoring, quants at three sizes and their evaluation on a small model",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
     p.add_argument("--model", default=None, help="your F16/BF16/F32 GGUF (default: SmolLM2-135M-Instruct)")
     p.add_argument("--calib", default=None, help="calibration text (default: c4 from the exllamav2 package)")
     p.add_argument("--text", default=None, help="held-out evaluation text (default: wiki)")
-    p.add_argument("--targets", type=_targets, default=list(DEFAULT_TARGETS),
-                   help="comma-separated target bpw (default 5,6,8)")
-    p.add_argument("-c", "--ctx", type=int, default=256, help="chunk size for imatrix and evaluation (default 256)")
+    p.add_argument(
+        "--targets",
+        type=_targets,
+        default=list(DEFAULT_TARGETS),
+        help="comma-separated target bpw (default 5,6,8)",
+    )
+    p.add_argument(
+        "-c", "--ctx", type=int, default=256, help="chunk size for imatrix and evaluation (default 256)"
+    )
     p.add_argument("--calib-chunks", type=int, default=16, help="imatrix chunks (default 16)")
     p.add_argument("--eval-chunks", type=int, default=16, help="evaluation chunks (default 16)")
     p.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)

@@ -71,7 +71,8 @@ class QuantResult:
     ppl_base: Estimate  # from the stored (16-bit) base log-probabilities, as llama-perplexity reports it
     ln_ppl_ratio: Estimate
     ppl_ratio: Estimate
-    rho_ppl: float  # Pearson correlation of per-token log-probabilities: llama-perplexity's Cor(ln PPL(Q), ln PPL(base))
+    # Pearson correlation of per-token log-probabilities: llama-perplexity's Cor(ln PPL(Q), ln PPL(base))
+    rho_ppl: float
     kld_mean: Estimate
     kld_median: Estimate  # error from a seeded bootstrap over tokens
     kld_p99: Estimate  # error from a seeded bootstrap over tokens
@@ -137,7 +138,9 @@ def _percentile(sorted_values: np.ndarray, fraction: float) -> float:
 
 def _median(sorted_values: np.ndarray) -> float:
     n = sorted_values.size
-    return float(0.5 * (sorted_values[n // 2] + sorted_values[n // 2 - 1]) if n % 2 == 0 else sorted_values[n // 2])
+    return float(
+        0.5 * (sorted_values[n // 2] + sorted_values[n // 2 - 1]) if n % 2 == 0 else sorted_values[n // 2]
+    )
 
 
 def _bootstrap_err(values: np.ndarray, stat: Callable[[np.ndarray], float], n_boot: int = 200) -> float:
@@ -165,7 +168,11 @@ def token_statistics(
         raise LlqxError("too few scored tokens for statistics")
     log_ppl = _mean_and_err(nll)
     log_ppl_base = _mean_and_err(nll_base)
-    cov = float((nll * nll_base).sum() / n - (nll.sum() / n) * (nll_base.sum() / n)) / (n - 1) if n >= 10 else 0.0
+    cov = (
+        float((nll * nll_base).sum() / n - (nll.sum() / n) * (nll_base.sum() / n)) / (n - 1)
+        if n >= 10
+        else 0.0
+    )
     denom = (log_ppl.err or 0.0) * (log_ppl_base.err or 0.0)
     rho = cov / denom if denom > 0 else 1.0
     ppl = math.exp(log_ppl.value)
@@ -185,7 +192,9 @@ def token_statistics(
         "rho_ppl": rho,
         "kld_mean": _mean_and_err(kld64),
         "kld_median": Estimate(_median(kld_sorted), _bootstrap_err(kld, _median)),
-        "kld_p99": Estimate(_percentile(kld_sorted, 0.99), _bootstrap_err(kld, lambda s: _percentile(s, 0.99))),
+        "kld_p99": Estimate(
+            _percentile(kld_sorted, 0.99), _bootstrap_err(kld, lambda s: _percentile(s, 0.99))
+        ),
         "kld_max": float(kld_sorted[-1]),
         "same_top": Estimate(top, math.sqrt(top * (1 - top) / (n - 1))),
         "dp_rms": Estimate(rms, 0.5 / rms * (p_diff_mse.err or 0.0) if rms > 0 else 0.0),
@@ -225,16 +234,27 @@ def _core_call(fn: Callable[..., object], *args: object, **kwargs: object) -> ob
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, ValueError) as exc:
-        raise LlqxError(_log.last_error(str(exc)) if str(exc).startswith("failed to load") else str(exc)) from None
+        raise LlqxError(
+            _log.last_error(str(exc)) if str(exc).startswith("failed to load") else str(exc)
+        ) from None
 
 
 def _base_pass(
-    base: Path, content: str, ctx: int, chunks: int | None, threads: int, n_gpu_layers: int, repack: bool,
-    cache: bool, on_progress: ProgressFn | None,
+    base: Path,
+    content: str,
+    ctx: int,
+    chunks: int | None,
+    threads: int,
+    n_gpu_layers: int,
+    repack: bool,
+    cache: bool,
+    on_progress: ProgressFn | None,
 ) -> _Base:
     text_sha = hashlib.sha256(content.encode("utf-8")).hexdigest()
-    key_src = json.dumps({"v": CACHE_VERSION, "model": model_identity(base), "text": text_sha, "ctx": ctx,
-                          "chunks": chunks}, sort_keys=True)
+    key_src = json.dumps(
+        {"v": CACHE_VERSION, "model": model_identity(base), "text": text_sha, "ctx": ctx, "chunks": chunks},
+        sort_keys=True,
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     cdir = cache_dir() / "eval"
     meta_path, rows_path = cdir / f"{key}.npz", cdir / f"{key}.rows"
@@ -245,7 +265,10 @@ def _base_pass(
                 tokens, nll = z["tokens"], z["nll"]
                 n_vocab, n_chunk = int(z["n_vocab"]), int(z["n_chunk"])
             row_size = _core.eval_row_size(n_vocab)
-            if rows_path.stat().st_size == n_chunk * n_scored * row_size * 2 and nll.size == n_chunk * n_scored:
+            if (
+                rows_path.stat().st_size == n_chunk * n_scored * row_size * 2
+                and nll.size == n_chunk * n_scored
+            ):
                 rows = np.memmap(rows_path, dtype=np.uint16, mode="r", shape=(n_chunk * n_scored, row_size))
                 if on_progress:
                     on_progress("base", n_chunk, n_chunk)
@@ -256,8 +279,10 @@ def _base_pass(
     t0 = time.perf_counter()
     all_tokens, n_vocab = _core_call(_core.eval_tokenize, str(base), content)  # type: ignore[misc]
     if all_tokens.size < 2 * ctx:
-        raise LlqxError(f"the text tokenizes to only {all_tokens.size} tokens; a context of {ctx} needs at "
-                        f"least {2 * ctx}")
+        raise LlqxError(
+            f"the text tokenizes to only {all_tokens.size} tokens; a context of {ctx} needs at "
+            f"least {2 * ctx}"
+        )
     n_chunk = all_tokens.size // ctx
     if chunks is not None and chunks > 0:
         n_chunk = min(n_chunk, chunks)
@@ -273,8 +298,20 @@ def _base_pass(
         else:
             rows = np.zeros((n_rows, row_size), dtype=np.uint16)
         progress = (lambda d, t: on_progress("base", d, t)) if on_progress else None
-        _core_call(_core.eval_base, str(base), tokens, n_chunk, rows, nll, n_vocab, ctx, threads, n_gpu_layers,
-                   repack, progress)
+        _core_call(
+            _core.eval_base,
+            str(base),
+            tokens,
+            n_chunk,
+            rows,
+            nll,
+            n_vocab,
+            ctx,
+            threads,
+            n_gpu_layers,
+            repack,
+            progress,
+        )
         if rows_tmp is not None:
             assert isinstance(rows, np.memmap)
             rows.flush()
@@ -282,8 +319,15 @@ def _base_pass(
             meta_tmp = _atomic_path(meta_path)
             try:
                 with meta_tmp.open("wb") as f:
-                    np.savez(f, tokens=tokens, nll=nll, n_vocab=np.int64(n_vocab), n_chunk=np.int64(n_chunk),
-                             ctx=np.int64(ctx), key=np.str_(key_src))
+                    np.savez(
+                        f,
+                        tokens=tokens,
+                        nll=nll,
+                        n_vocab=np.int64(n_vocab),
+                        n_chunk=np.int64(n_chunk),
+                        ctx=np.int64(ctx),
+                        key=np.str_(key_src),
+                    )
                 os.replace(rows_tmp, rows_path)
                 os.replace(meta_tmp, meta_path)
             finally:
@@ -330,21 +374,58 @@ def evaluate(
     base_info = inspect(base_path)
     nll_b = b.nll.astype(np.float64)
     lp = _mean_and_err(nll_b)
-    base_result = BaseResult(str(base_path), base_info.bpw, base_path.stat().st_size,
-                             Estimate(math.exp(lp.value), math.exp(lp.value) * (lp.err or 0.0)),
-                             int(b.nll.size), b.seconds, b.cached)
+    base_result = BaseResult(
+        str(base_path),
+        base_info.bpw,
+        base_path.stat().st_size,
+        Estimate(math.exp(lp.value), math.exp(lp.value) * (lp.err or 0.0)),
+        int(b.nll.size),
+        b.seconds,
+        b.cached,
+    )
     results: list[QuantResult] = []
     for q in quant_paths:
         t0 = time.perf_counter()
         progress = (lambda d, t, q=q: on_progress(str(q), d, t)) if on_progress else None
-        per_token = _core_call(_core.eval_compare, str(q), b.tokens, b.n_chunk, b.rows, b.n_vocab, ctx, threads,
-                               n_gpu_layers, repack, progress)
+        per_token = _core_call(
+            _core.eval_compare,
+            str(q),
+            b.tokens,
+            b.n_chunk,
+            b.rows,
+            b.n_vocab,
+            ctx,
+            threads,
+            n_gpu_layers,
+            repack,
+            progress,
+        )
         assert isinstance(per_token, dict)
-        stats = token_statistics(per_token["nll"], per_token["nll_base"], per_token["kld"], per_token["p_diff"],
-                                 per_token["same_top"])
+        stats = token_statistics(
+            per_token["nll"],
+            per_token["nll_base"],
+            per_token["kld"],
+            per_token["p_diff"],
+            per_token["same_top"],
+        )
         info = inspect(q)
-        results.append(QuantResult(path=str(q), bpw=info.bpw, size=q.stat().st_size, n_tokens=int(b.nll.size),
-                                   seconds=time.perf_counter() - t0, **stats))  # type: ignore[arg-type]
-    return EvalResult(base=base_result, quants=results, text=name, text_sha256=text_sha, ctx=ctx,
-                      n_chunk=b.n_chunk, n_tokens=int(b.nll.size),
-                      settings={"threads": threads, "n_gpu_layers": n_gpu_layers, "repack": repack})
+        results.append(
+            QuantResult(
+                path=str(q),
+                bpw=info.bpw,
+                size=q.stat().st_size,
+                n_tokens=int(b.nll.size),
+                seconds=time.perf_counter() - t0,
+                **stats,
+            )
+        )  # type: ignore[arg-type]
+    return EvalResult(
+        base=base_result,
+        quants=results,
+        text=name,
+        text_sha256=text_sha,
+        ctx=ctx,
+        n_chunk=b.n_chunk,
+        n_tokens=int(b.nll.size),
+        settings={"threads": threads, "n_gpu_layers": n_gpu_layers, "repack": repack},
+    )

@@ -22,6 +22,7 @@ State (per-tensor candidate curves) -> error vs bytes of chosen tensors:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -102,9 +103,15 @@ def parse_plan(doc: Any) -> list[PlanEntry]:
             t = _type_name(e["type"])
             bpw = e.get("bpw")
             n = e.get("n_elements", e.get("elements"))
-            out.append(PlanEntry(name, t, float(bpw) if bpw is not None else _nominal_bpw(t),
-                                 float(e["error"]) if e.get("error") is not None else None,
-                                 int(n) if n is not None else None))
+            out.append(
+                PlanEntry(
+                    name,
+                    t,
+                    float(bpw) if bpw is not None else _nominal_bpw(t),
+                    float(e["error"]) if e.get("error") is not None else None,
+                    int(n) if n is not None else None,
+                )
+            )
     return out
 
 
@@ -118,7 +125,7 @@ def parse_state(doc: Any) -> dict[str, list[Candidate]]:
         cs = []
         if isinstance(v, dict) and isinstance(v.get("types"), list) and isinstance(v.get("errors"), list):
             nbytes = v.get("bytes") if isinstance(v.get("bytes"), list) else [None] * len(v["types"])
-            for t, e, b in zip(v["types"], v["errors"], nbytes):
+            for t, e, b in zip(v["types"], v["errors"], nbytes, strict=False):
                 if isinstance(e, (int, float)):
                     cs.append(Candidate(_type_name(t), int(b) if b is not None else None, float(e)))
         else:
@@ -126,9 +133,13 @@ def parse_state(doc: Any) -> dict[str, list[Candidate]]:
             for c in cands if isinstance(cands, list) else []:
                 if isinstance(c, dict) and {"type", "error"} <= c.keys():
                     b = c.get("bytes")
-                    cs.append(Candidate(_type_name(c["type"]), int(b) if b is not None else None, float(c["error"])))
+                    cs.append(
+                        Candidate(_type_name(c["type"]), int(b) if b is not None else None, float(c["error"]))
+                    )
         if cs:
-            out[str(name)] = sorted(cs, key=lambda c: (c.bytes if c.bytes is not None else -1, _nominal_bpw(c.type)))
+            out[str(name)] = sorted(
+                cs, key=lambda c: (c.bytes if c.bytes is not None else -1, _nominal_bpw(c.type))
+            )
     return out
 
 
@@ -144,10 +155,8 @@ def fill_bytes(curves: dict[str, list[Candidate]], model: str | os.PathLike[str]
             continue
         for c in cs:
             if c.bytes is None:
-                try:
+                with contextlib.suppress(LlqxError, ValueError):
                     c.bytes = ggml_type(c.type).row_size(t.n_per_row) * t.n_rows
-                except (LlqxError, ValueError):
-                    pass
         cs.sort(key=lambda c: (c.bytes if c.bytes is not None else -1, _nominal_bpw(c.type)))
 
 
@@ -193,7 +202,9 @@ def plot_plan(entries: list[PlanEntry], out: str | os.PathLike[str], title: str 
     grid = np.full((max(len(layers), 1), max(len(kinds), 1)), np.nan)
     for (layer, kind), e in blocks.items():
         grid[layers.index(layer), kinds.index(kind)] = e.bpw
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(len(kinds), 1), 1.6 + 0.28 * max(len(layers), 1)), dpi=110)
+    fig, ax = plt.subplots(
+        figsize=(1.2 + 1.1 * max(len(kinds), 1), 1.6 + 0.28 * max(len(layers), 1)), dpi=110
+    )
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
@@ -203,17 +214,21 @@ def plot_plan(entries: list[PlanEntry], out: str | os.PathLike[str], title: str 
         mid = float(finite.mean()) if finite.size else 0.0
         for (layer, kind), e in blocks.items():
             y, x = layers.index(layer), kinds.index(kind)
-            ax.text(x, y, e.type, ha="center", va="center", fontsize=6,
-                    color="white" if e.bpw < mid else "black")
+            ax.text(
+                x, y, e.type, ha="center", va="center", fontsize=6, color="white" if e.bpw < mid else "black"
+            )
     fig.colorbar(im, ax=ax, label="bits per weight")
     total = [e for e in entries if e.n_elements]
     subtitle = ""
     if total:
         n = sum(e.n_elements or 0 for e in total)
-        subtitle = f"  (weighted {sum(e.bpw * (e.n_elements or 0) for e in total) / n:.3f} bpw over {len(total)} tensors)"
+        mean_bpw = sum(e.bpw * (e.n_elements or 0) for e in total) / n
+        subtitle = f"  (weighted {mean_bpw:.3f} bpw over {len(total)} tensors)"
     extra = ", ".join(f"{e.name}: {e.type} ({e.bpw:.2f})" for e in other[:6])
-    ax.set_title((title or "bits per weight per layer and tensor") + subtitle + ("\n" + extra if extra else ""),
-                 fontsize=8)
+    ax.set_title(
+        (title or "bits per weight per layer and tensor") + subtitle + ("\n" + extra if extra else ""),
+        fontsize=8,
+    )
     fig.tight_layout()
     path = Path(out)
     _save(fig, path)
@@ -240,8 +255,12 @@ def default_tensors(curves: dict[str, list[Candidate]], limit: int = 6) -> list[
     return picks[:limit]
 
 
-def plot_state(curves: dict[str, list[Candidate]], out: str | os.PathLike[str], tensors: list[str] | None = None,
-               title: str = "") -> Path:
+def plot_state(
+    curves: dict[str, list[Candidate]],
+    out: str | os.PathLike[str],
+    tensors: list[str] | None = None,
+    title: str = "",
+) -> Path:
     """Error vs bytes (log-log) of the chosen tensors' candidate types, each point labelled by its type."""
     plt = _pyplot()
     if not curves:
@@ -260,8 +279,14 @@ def plot_state(curves: dict[str, list[Candidate]], out: str | os.PathLike[str], 
         pos = sorted((c for c in curves[name] if c.error > 0 and x_of(c) > 0), key=x_of)
         line = ax.plot([x_of(c) for c in pos], [c.error for c in pos], "o-", ms=3, label=name)[0]
         for c in pos:
-            ax.annotate(c.type, (x_of(c), c.error), textcoords="offset points", xytext=(3, 2), fontsize=5,
-                        color=line.get_color())
+            ax.annotate(
+                c.type,
+                (x_of(c), c.error),
+                textcoords="offset points",
+                xytext=(3, 2),
+                fontsize=5,
+                color=line.get_color(),
+            )
     if by_bytes:
         ax.set_xscale("log")
     ax.set_yscale("log")
@@ -277,8 +302,13 @@ def plot_state(curves: dict[str, list[Candidate]], out: str | os.PathLike[str], 
     return path
 
 
-def plot_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-              tensors: list[str] | None = None, kind: str = "auto", model: str | os.PathLike[str] | None = None) -> Path:
+def plot_file(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    tensors: list[str] | None = None,
+    kind: str = "auto",
+    model: str | os.PathLike[str] | None = None,
+) -> Path:
     """Plot a plan (heat map) or a state file (curves); the kind is detected unless given. ``model`` gives
     the tensor shapes for state files that hold no byte counts."""
     src = Path(path)
@@ -293,7 +323,9 @@ def plot_file(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
             if not chosen:
                 raise LlqxError(f"no tensor in {src} matches {', '.join(tensors)}")
             tensors = chosen[:12]
-        return plot_state(curves, out or src.with_suffix(".curves.png"), tensors, f"{src.name}: error vs bytes")
+        return plot_state(
+            curves, out or src.with_suffix(".curves.png"), tensors, f"{src.name}: error vs bytes"
+        )
     entries = parse_plan(doc) if kind in ("auto", "heatmap") else []
     if entries:
         return plot_plan(entries, out or src.with_suffix(".png"), f"{src.name}")
