@@ -59,11 +59,14 @@ def upstream(
 
 
 @pytest.fixture(scope="module")
-def ours(
-    smollm2_f16: Path, q4_0: Path, eval_text: Path, tmp_path_factory: pytest.TempPathFactory
-) -> llqx.EvalResult:
+def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_f16: Path, q4_0: Path, eval_text: Path, eval_cache: Path) -> llqx.EvalResult:
     mp = pytest.MonkeyPatch()
-    mp.setenv("LLQX_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("LLQX_CACHE_DIR", str(eval_cache))
     try:
         return llqx.evaluate(smollm2_f16, [q4_0], eval_text, ctx=CTX, chunks=CHUNKS, threads=THREADS)
     finally:
@@ -103,16 +106,15 @@ def test_base_cache_is_llama_perplexity_format(
     smollm2_f16: Path,
     q4_0: Path,
     eval_text: Path,
-    tmp_path: Path,
+    eval_cache: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The cached base rows are upstream's logits-file rows; a second run reuses them bit for bit."""
-    monkeypatch.setenv("LLQX_CACHE_DIR", str(tmp_path))
-    first = llqx.evaluate(smollm2_f16, [q4_0], eval_text, ctx=CTX, chunks=CHUNKS, threads=THREADS)
-    rows_files = list((tmp_path / "eval").glob("*.rows"))
+    first = ours
+    rows_files = list((eval_cache / "eval").glob("*.rows"))
     assert len(rows_files) == 1
     assert not first.base.cached
-    assert not [p for p in (tmp_path / "eval").iterdir() if p.name.startswith(".")]  # no temp files left
+    assert not [p for p in (eval_cache / "eval").iterdir() if p.name.startswith(".")]  # no temp files left
     raw = Path(str(upstream["logits"])).read_bytes()
     n_ctx, n_vocab, n_chunk = np.frombuffer(raw[8:20], dtype=np.int32)
     assert (n_ctx, n_chunk) == (CTX, CHUNKS)
@@ -122,6 +124,7 @@ def test_base_cache_is_llama_perplexity_format(
     assert our_rows.shape == up_rows.shape
     # the same decode gives the same bits up to rare last-bit rounding of a logit
     assert np.mean(our_rows == up_rows) > 0.999
+    monkeypatch.setenv("LLQX_CACHE_DIR", str(eval_cache))
     second = llqx.evaluate(smollm2_f16, [q4_0], eval_text, ctx=CTX, chunks=CHUNKS, threads=THREADS)
     assert second.base.cached
     assert second.quants[0].kld_mean == first.quants[0].kld_mean
@@ -195,3 +198,42 @@ def test_cli_errors(smollm2_f16: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "needs at least 256" in " ".join(capsys.readouterr().err.split())
     assert cli.main(["eval", str(smollm2_f16), str(tmp_path / "missing.gguf"), "-f", str(short)]) == 1
     assert "model not found" in " ".join(capsys.readouterr().err.split())
+
+
+def test_same_numbers_on_any_thread_count(smollm2_f16: Path, q4_0: Path, eval_text: Path) -> None:
+    """Per-token statistics are bit-identical on 1 and 3 threads (decode and per-token math)."""
+    from llqx import _core
+
+    tokens, n_vocab = _core.eval_tokenize(str(smollm2_f16), eval_text.read_text(encoding="utf-8")[:6000])
+    n_ctx, n_chunk = 64, 2
+    n_rows = n_chunk * _core.eval_n_scored(n_ctx)
+    runs = []
+    for threads in (1, 3):
+        rows = np.zeros((n_rows, _core.eval_row_size(n_vocab)), dtype=np.uint16)
+        nll = np.zeros(n_rows, dtype=np.float32)
+        _core.eval_base(str(smollm2_f16), tokens, n_chunk, rows, nll, n_vocab, n_ctx, threads)
+        per_token = _core.eval_compare(str(q4_0), tokens, n_chunk, rows, n_vocab, n_ctx, threads)
+        runs.append((rows, nll, per_token))
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert np.array_equal(runs[0][1], runs[1][1])
+    for key in ("nll", "nll_base", "kld", "p_diff", "same_top"):
+        assert np.array_equal(runs[0][2][key], runs[1][2][key]), key
+    assert runs[0][2]["kld"].mean() > 0
+
+
+def test_interrupt_leaves_no_cache_file(
+    smollm2_f16: Path, q4_0: Path, eval_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl+C in the progress callback stops the C++ loop, is raised again and leaves no partial file."""
+    monkeypatch.setenv("LLQX_CACHE_DIR", str(tmp_path))
+    seen: list[tuple[str, int, int]] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        seen.append((stage, done, total))
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        llqx.evaluate(smollm2_f16, [q4_0], eval_text, ctx=64, chunks=3, threads=2, on_progress=progress)
+    assert seen == [("base", 0, 3), ("base", 1, 3)]
+    assert list((tmp_path / "eval").iterdir()) == []
