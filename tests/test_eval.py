@@ -198,6 +198,10 @@ def test_cli_errors(smollm2_f16: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "needs at least 256" in " ".join(capsys.readouterr().err.split())
     assert cli.main(["eval", str(smollm2_f16), str(tmp_path / "missing.gguf"), "-f", str(short)]) == 1
     assert "model not found" in " ".join(capsys.readouterr().err.split())
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    assert cli.main(["eval", str(smollm2_f16), str(bad), "-f", str(short)]) == 1
+    assert "corrupt or truncated GGUF file" in " ".join(capsys.readouterr().err.split())
 
 
 def test_same_numbers_on_any_thread_count(smollm2_f16: Path, q4_0: Path, eval_text: Path) -> None:

@@ -231,12 +231,15 @@ def _read_text(text: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 def _core_call(fn: Callable[..., object], *args: object, **kwargs: object) -> object:
+    _log.recent_errors.clear()  # so that a failure names the reason llama.cpp logged for this call
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, ValueError) as exc:
-        raise LlqxError(
-            _log.last_error(str(exc)) if str(exc).startswith("failed to load") else str(exc)
-        ) from None
+        msg = str(exc)
+        if msg.startswith("failed to load"):
+            cause = _log.last_error("")
+            msg = f"{msg}: {cause}" if cause else msg
+        raise LlqxError(msg) from None
 
 
 def _base_pass(
@@ -367,11 +370,13 @@ def evaluate(
     for p in [base_path, *quant_paths]:
         if not p.is_file():
             raise LlqxError(f"model not found: {p}")
+    # read every header first: a bad file fails in one clear line before any model runs
+    infos = {p: inspect(p) for p in [base_path, *quant_paths]}
     threads = threads if threads and threads > 0 else (os.cpu_count() or 1)
     name, content = _read_text(text)
     text_sha = hashlib.sha256(content.encode("utf-8")).hexdigest()
     b = _base_pass(base_path, content, ctx, chunks, threads, n_gpu_layers, repack, cache, on_progress)
-    base_info = inspect(base_path)
+    base_info = infos[base_path]
     nll_b = b.nll.astype(np.float64)
     lp = _mean_and_err(nll_b)
     base_result = BaseResult(
@@ -408,7 +413,7 @@ def evaluate(
             per_token["p_diff"],
             per_token["same_top"],
         )
-        info = inspect(q)
+        info = infos[q]
         results.append(
             QuantResult(
                 path=str(q),
