@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
                 str(state),
                 str(model),
                 str(out),
-                str(args.threads),
+                # no type/nthreads positional: in llama-quantize's grammar a third word is the type
             ]
             llqx_times[r] = run_cmd(list(cmd), f"llqx-quantize --target-bpw {target:.4f}")
             llqx_files[r] = out
