@@ -314,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             cache=not args.no_eval_cache,
             on_progress=on_progress,
+            text_name=f"wiki (first {len(text):,} characters)",
         )
     times["eval_s"] = time.perf_counter() - t0
     if result.n_chunk < n_chunk:

@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             chunks=args.eval_chunks,
             threads=threads,
             on_progress=on_progress,
+            text_name=f"{eval_path.name} (first {args.eval_chunks * args.ctx * 8:,} characters)",
         )
     times["eval_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - t_start

@@ -354,10 +354,12 @@ def evaluate(
     repack: bool = False,
     cache: bool = True,
     on_progress: ProgressFn | None = None,
+    text_name: str | None = None,
 ) -> EvalResult:
     """PPL, KLD, ρPPL, same-top and Δp of each quant against ``base`` on ``text``.
 
-    ``text`` is a path (``Path``/``os.PathLike``, read as UTF-8) or the text itself (``str``).
+    ``text`` is a path (``Path``/``os.PathLike``, read as UTF-8) or the text itself (``str``;
+    ``text_name`` then names it in the result).
     ``ctx`` tokens per chunk, at most ``chunks`` chunks (all by default), ``threads`` for decoding and
     the per-token math (all cores by default). ``repack`` enables ggml's CPU weight repacking (off:
     its AMX path crashes on Q4_0 at this llama.cpp version). The base pass is cached unless
@@ -374,6 +376,7 @@ def evaluate(
     infos = {p: inspect(p) for p in [base_path, *quant_paths]}
     threads = threads if threads and threads > 0 else (os.cpu_count() or 1)
     name, content = _read_text(text)
+    name = text_name or name
     text_sha = hashlib.sha256(content.encode("utf-8")).hexdigest()
     b = _base_pass(base_path, content, ctx, chunks, threads, n_gpu_layers, repack, cache, on_progress)
     base_info = infos[base_path]
