@@ -341,6 +341,9 @@ def run(args: argparse.Namespace) -> int:
     geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios)) if ratios else None
     doc = {
         "model": name,
+        "caveat": (
+            "reference is a dequantized low-bit model (grid-flattered)" if args.model in ALIASES else None
+        ),
         "model_file": str(model),
         "reference": reference,
         "eval_text": "wiki (exllamav2 0.3.2 standard_cal_data/wiki.utf8), held out",
@@ -366,6 +369,13 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out_dir / f"{name}.json", json.dumps(doc, indent=2, default=str) + "\n")
 
     md = [f"# Quality benchmark: {name}", "", f"*{reference}*", ""]
+    if args.model in ALIASES:
+        md += [
+            "Caveat: the reference is a dequantized low-bit model. Types on its own grid requantize almost "
+            "losslessly, which flatters an error-driven allocator against fixed recipes; check gains on a "
+            "grid-neutral reference before quoting them.",
+            "",
+        ]
     if quick:
         md += [
             f"**Quick run: only {result.n_tokens:,} scored tokens (< {MIN_EVAL_TOKENS:,}); not a benchmark "
@@ -390,7 +400,8 @@ def run(args: argparse.Namespace) -> int:
         md.append(
             f"| {p['recipe']} | {f('recipe_bpw', '{:.4f}')} | {f('recipe_kld', '{:.5f}')} ± "
             f"{f('recipe_kld_err', '{:.5f}')} | {f('recipe_same_top', '{:.2%}')} | "
-            f"{f('llqx_bpw', '{:.4f}')} | {f('llqx_kld', '{:.5f}')} | {f('llqx_same_top', '{:.2%}')} | "
+            f"{f('llqx_bpw', '{:.4f}')} | {f('llqx_kld', '{:.5f}')} ± {f('llqx_kld_err', '{:.5f}')} | "
+            f"{f('llqx_same_top', '{:.2%}')} | "
             f"{f('kld_ratio', '{:.3f}')} |"
         )
     if geo is not None:
