@@ -422,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     if llqx_times:
         md.append("(the first llqx-quantize call includes the scoring pass; the others reuse its state file)")
     png = out_dir / f"{name}.png"
-    if plot_points(points, f"{name}: KLD vs bpw ({reference}; {result.n_tokens:,} wiki tokens)", png):
+    if plot_points(points, f"{name}: KLD vs bpw\n{reference}; {result.n_tokens:,} wiki tokens", png):
         md += ["", f"![KLD vs bpw]({png.name})"]
     atomic_write_text(out_dir / f"{name}.md", "\n".join(md) + "\n")
     print("\n".join(md))
