@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import log as _log
 from .errors import LlqxError
+from .evaluate import EvalResult, evaluate
 from .imatrix import Imatrix, ImatrixEntry
 from .model import ModelInfo, TensorInfo, inspect
 from .quantize import quantize
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FILE_TYPES",
+    "EvalResult",
     "FileType",
     "GGMLType",
     "Imatrix",
@@ -23,6 +25,7 @@ __all__ = [
     "ModelInfo",
     "TensorInfo",
     "__version__",
+    "evaluate",
     "file_type",
     "ggml_type",
     "ggml_types",

@@ -6,6 +6,22 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+# ---- eval (bind_eval.cpp) --------------------------------------------------------------------
+
+def eval_row_size(n_vocab: int) -> int: ...
+def eval_n_scored(n_ctx: int) -> int: ...
+def eval_tokenize(model_path: str, text: str) -> tuple[npt.NDArray[np.int32], int]: ...
+def eval_base(
+    model_path: str, tokens: npt.NDArray[np.int32], n_chunk: int, rows: npt.NDArray[np.uint16],
+    nll: npt.NDArray[np.float32], n_vocab: int, n_ctx: int, n_threads: int = 1, n_gpu_layers: int = 0,
+    repack: bool = False, progress: Callable[[int, int], bool | None] | None = None,
+) -> None: ...
+def eval_compare(
+    model_path: str, tokens: npt.NDArray[np.int32], n_chunk: int, rows: npt.NDArray[np.uint16], n_vocab: int,
+    n_ctx: int, n_threads: int = 1, n_gpu_layers: int = 0, repack: bool = False,
+    progress: Callable[[int, int], bool | None] | None = None,
+) -> dict[str, npt.NDArray[Any]]: ...
+
 # ---- log (bind_log.cpp) ----------------------------------------------------------------------
 
 def log_set(callback: Callable[[int, str], None] | None) -> None: ...
