@@ -23,6 +23,9 @@ SDIST = "llama_cpp_python-0.3.36.tar.gz"
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 PREFIX = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 SKIPPED = ("models/", "docs/")
+# the sdist keeps the submodule's .git pointer file, which points nowhere once extracted
+SKIPPED_FILES = (".git",)
+MARKER = ".llqx-pinned-release"
 
 
 def cache_dir() -> Path:
@@ -65,10 +68,12 @@ def extract(sdist: Path, dest: Path) -> None:
                 if not member.name.startswith(PREFIX):
                     continue
                 rel = member.name[len(PREFIX):]
-                if not rel or rel.startswith(SKIPPED) or not (member.isfile() or member.isdir()):
+                if not rel or rel.startswith(SKIPPED) or rel in SKIPPED_FILES or not (member.isfile() or member.isdir()):
                     continue
                 member.name = rel
                 tar.extract(member, tmp, filter="data")
+        # tells the build this is the pinned release tree (it has no git metadata of its own)
+        (tmp / MARKER).write_text(f"{PACKAGE}=={VERSION}\n", encoding="utf-8")
         if dest.exists():
             dest.rmdir()  # only ever replaces an empty directory
         os.replace(tmp, dest)
