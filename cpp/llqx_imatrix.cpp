@@ -17,8 +17,8 @@
 struct llqx_imatrix_stats {
     int64_t              n_per_row = 0;
     int64_t              n_expert  = 0;
-    std::vector<double>  in_sum2;
-    std::vector<double>  in_sum;
+    std::vector<float>   in_sum2; // float, summed in llama-imatrix's order: bit-identical to its file
+    std::vector<double>  in_sum;  // double: a sum with cancellation
     std::vector<int64_t> counts;
 };
 
@@ -62,12 +62,13 @@ static bool imatrix_all_finite(const float * x, int64_t n) {
     return true;
 }
 
-// the hot loop: one activation row into the double sums
-static void imatrix_accumulate(double * GGML_RESTRICT s2, double * GGML_RESTRICT s1, const float * GGML_RESTRICT x, int64_t n) {
+// the hot loop: one activation row into the sums. Σx² is summed in float exactly as llama-imatrix does
+// (same operations, same order), so the file's in_sum2 and every quantization made with it are identical
+// to upstream's; Σx, whose terms cancel, is summed in double.
+static void imatrix_accumulate(float * GGML_RESTRICT s2, double * GGML_RESTRICT s1, const float * GGML_RESTRICT x, int64_t n) {
     for (int64_t j = 0; j < n; ++j) {
-        const double v = x[j];
-        s2[j] += v * v;
-        s1[j] += v;
+        s2[j] += x[j] * x[j];
+        s1[j] += (double) x[j];
     }
 }
 
@@ -116,7 +117,7 @@ static bool imatrix_collect_mul_mat_id(llqx_imatrix_collector * col, const ggml_
     if (e.in_sum2.empty()) {
         e.n_per_row = ne0;
         e.n_expert  = n_as;
-        e.in_sum2.assign(ne0 * n_as, 0.0);
+        e.in_sum2.assign(ne0 * n_as, 0.0f);
         e.in_sum.assign(ne0 * n_as, 0.0);
         e.counts.assign(n_as, 0);
     } else if (e.n_per_row != ne0 || e.n_expert != n_as) {
@@ -156,7 +157,7 @@ static bool imatrix_collect_mul_mat(llqx_imatrix_collector * col, const ggml_ten
     if (e.in_sum2.empty()) {
         e.n_per_row = ne0;
         e.n_expert  = n_mat;
-        e.in_sum2.assign(ne0 * n_mat, 0.0);
+        e.in_sum2.assign(ne0 * n_mat, 0.0f);
         e.in_sum.assign(ne0 * n_mat, 0.0);
         e.counts.assign(1, 0);
     } else if (e.n_per_row != ne0 || e.n_expert != n_mat) {
@@ -168,7 +169,7 @@ static bool imatrix_collect_mul_mat(llqx_imatrix_collector * col, const ggml_ten
         for (int64_t i2 = 0; i2 < src1->ne[2]; ++i2) {
             // 3-D+ activations of a 2-D weight are flattened into its one matrix
             const int64_t mat_id = (i3 % src0->ne[3]) * src0->ne[2] + (i2 % src0->ne[2]);
-            double * s2 = e.in_sum2.data() + mat_id * ne0;
+            float *  s2 = e.in_sum2.data() + mat_id * ne0;
             double * s1 = e.in_sum.data()  + mat_id * ne0;
             for (int64_t row = 0; row < src1->ne[1]; ++row) {
                 const float * x = (const float *) (data + row * src1->nb[1] + i2 * src1->nb[2] + i3 * src1->nb[3]);

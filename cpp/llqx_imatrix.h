@@ -22,7 +22,7 @@ struct llqx_imatrix_sums {
     std::string          name;
     int64_t              n_per_row = 0;
     int64_t              n_expert  = 0;
-    std::vector<double>  in_sum2;
+    std::vector<float>   in_sum2; // float, accumulated like llama-imatrix (bit-identical to its file)
     std::vector<double>  in_sum;
     std::vector<int64_t> counts;
 };

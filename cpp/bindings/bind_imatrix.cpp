@@ -51,7 +51,7 @@ static py::dict imatrix_entries_dict(const llqx_imatrix_collector * col) {
     for (auto & e : entries) {
         const py::ssize_t ne = (py::ssize_t) e.n_expert;
         const py::ssize_t nr = (py::ssize_t) e.n_per_row;
-        py::array_t<double>  in_sum2({ ne, nr });
+        py::array_t<float>   in_sum2({ ne, nr });
         py::array_t<double>  in_sum({ ne, nr });
         py::array_t<int64_t> counts(ne);
         std::copy(e.in_sum2.begin(), e.in_sum2.end(), in_sum2.mutable_data());
@@ -140,6 +140,6 @@ void bind_imatrix(py::module_ & m) {
         .def("cancel", [](imatrix_collector_handle & h) { llqx_imatrix_cancel(h.col); },
              "ask a running run() to stop after the current group of chunks (callable from any thread)")
         .def("entries", [](const imatrix_collector_handle & h) { return imatrix_entries_dict(h.col); },
-             "{name: (in_sum2 float64 (n_expert, n_per_row), in_sum float64, counts int64 (n_expert,))} collected "
+             "{name: (in_sum2 float32 (n_expert, n_per_row), in_sum float64, counts int64 (n_expert,))} collected "
              "so far; call between runs or from the progress callback");
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import log as _log
 from .errors import LlqxError
 from .imatrix import Imatrix, ImatrixEntry
+from .imatrix_collect import collect_imatrix
 from .model import ModelInfo, TensorInfo, inspect
 from .quantize import quantize
 from .types import FILE_TYPES, FileType, GGMLType, file_type, ggml_type, ggml_types
@@ -23,6 +24,7 @@ __all__ = [
     "ModelInfo",
     "TensorInfo",
     "__version__",
+    "collect_imatrix",
     "file_type",
     "ggml_type",
     "ggml_types",
