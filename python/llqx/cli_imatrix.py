@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.text import Text
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import LlqxError
 from .imatrix import Imatrix
@@ -66,10 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run)
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("- tok/s" if not speed else f"{speed:,.0f} tok/s", style="progress.data.speed")
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 def _check_output(path: Path, args: argparse.Namespace) -> None:
@@ -90,6 +89,8 @@ def _show_statistics(im: Imatrix, title: str, as_json: bool, console: Console) -
     if as_json:
         print(json.dumps(stats_json(ts, ls), indent=1))
         return
+    if not console.is_terminal:
+        console.width = max(console.width, 150)  # a pipe or file gets the whole table, not a squeezed one
     for table in stats_tables(ts, ls, title):
         console.print(table)
 
@@ -178,14 +179,16 @@ def run(args: argparse.Namespace) -> int:
 
     show = not args.quiet and not args.json
     progress = Progress(TextColumn("[bold]imatrix"), BarColumn(),
-                        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
-                        _RateColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        TextColumn("{task.fields[ppl]}"), console=console, disable=not show, transient=False)
-    task = progress.add_task("imatrix", total=n_chunk * args.ctx, ppl="")
+                        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"), TimeElapsedColumn(),
+                        TextColumn("{task.fields[rate]}  ETA {task.fields[eta]}  {task.fields[ppl]}"),
+                        console=console, disable=not show, transient=False)
+    task = progress.add_task("imatrix", total=n_chunk * args.ctx, ppl="", rate="- tok/s", eta="-")
 
     def on_progress(p: ImatrixProgress) -> bool:
         ppl = "" if math.isnan(p.ppl) else f"PPL {p.ppl:.4f}"
-        progress.update(task, completed=p.tokens_done, ppl=ppl)
+        rate = p.tokens_done / p.elapsed_s if p.elapsed_s > 0 else 0.0
+        eta = _clock((p.tokens - p.tokens_done) / rate) if rate > 0 else "-"
+        progress.update(task, completed=p.tokens_done, ppl=ppl, rate=f"{rate:,.1f} tok/s", eta=eta)
         periodic(base_chunks + p.chunks_done)
         return True
 

@@ -145,21 +145,27 @@ class ImatrixCollector:
                                 int(d["tokens"]), float(d["ppl"]), float(d["elapsed_s"]))
             return progress(p) is not False
 
+        finished = threading.Event()
+
         def work() -> None:
             try:
                 outcome["result"] = self._core.run(tokens, n_chunk, on_progress)
             except BaseException as exc:
                 outcome["error"] = exc
+            finally:
+                finished.set()
 
         worker = threading.Thread(target=work, name="llqx-imatrix", daemon=True)
         worker.start()
         interrupted = False
-        while worker.is_alive():
+        # wait on an event, not on join(): an interrupted join() can leave the thread marked as stopped
+        while not finished.is_set():
             try:
-                worker.join(0.2)
+                finished.wait(0.2)
             except KeyboardInterrupt:
                 interrupted = True
                 self._core.cancel()
+        worker.join()
         error = outcome.get("error")
         if error is not None:
             if isinstance(error, RuntimeError):

@@ -127,6 +127,7 @@ def stats_json(tensors: list[TensorStats], layers: list[LayerStats]) -> dict[str
 
 def stats_tables(tensors: list[TensorStats], layers: list[LayerStats], title: str) -> list[object]:
     """rich tables: one row per tensor (grouped by kind, like llama-imatrix) and one per layer."""
+    from rich.markup import escape
     from rich.table import Table
 
     def f(x: float | None, fmt: str) -> str:
@@ -135,7 +136,7 @@ def stats_tables(tensors: list[TensorStats], layers: list[LayerStats], title: st
     t1 = Table(title=f"{title}: {len(tensors)} tensors", show_lines=False)
     for col in ("layer", "tensor", "Σ E[x²]", "min", "max", "μ E[x]", "σ E[x]", "% active", "N",
                 "entropy", "E (norm)", "cos sim"):
-        t1.add_column(col, justify="left" if col == "tensor" else "right")
+        t1.add_column(escape(col), justify="left" if col == "tensor" else "right")
     for t in sorted(tensors, key=lambda t: (t.kind, t.layer)):
         t1.add_row("-" if t.layer < 0 else str(t.layer), t.kind, f(t.sum_energy, ".2f"),
                    f(t.min_energy, ".4g"), f(t.max_energy, ".4g"), f(t.mean_act, ".4g"), f(t.std_act, ".4g"),
@@ -143,7 +144,7 @@ def stats_tables(tensors: list[TensorStats], layers: list[LayerStats], title: st
                    f(100 * t.entropy_norm, ".2f") + "%", f(t.cossim, ".4f"))
     t2 = Table(title=f"per layer ({len(layers)} layers, element-weighted)")
     for col in ("layer", "tensors", "μ Σ E[x²]", "μ E (norm)", "μ cos sim"):
-        t2.add_column(col, justify="right")
+        t2.add_column(escape(col), justify="right")
     for lay in layers:
         t2.add_row(str(lay.layer), str(lay.tensors), f(lay.sum_energy, ".2f"),
                    f(100 * lay.entropy_norm, ".2f") + "%", f(lay.cossim, ".4f"))

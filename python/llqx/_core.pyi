@@ -1,0 +1,90 @@
+"""Types of the llqx C++ extension (llqx._core)."""
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+# ---- log -------------------------------------------------------------------------------------
+
+def log_set(callback: Callable[[int, str], None] | None) -> None: ...
+
+# ---- model -----------------------------------------------------------------------------------
+
+def model_inspect(path: str) -> dict[str, Any]: ...
+
+# ---- quantize --------------------------------------------------------------------------------
+
+class KvOverride:
+    key: str
+    tag: int
+    val_i64: int
+    val_f64: float
+    val_bool: bool
+    val_str: str
+    def __init__(self) -> None: ...
+
+class QuantizeRequest:
+    input: str
+    output: str
+    nthread: int
+    ftype: int
+    output_tensor_type: int
+    token_embedding_type: int
+    allow_requantize: bool
+    quantize_output_tensor: bool
+    only_copy: bool
+    pure: bool
+    keep_split: bool
+    dry_run: bool
+    max_buf_size: int
+    kv_overrides: list[KvOverride]
+    prune_layers: list[int]
+    def __init__(self) -> None: ...
+    def add_tensor_override(self, pattern: str, type: int) -> None: ...
+    @property
+    def tensor_overrides(self) -> list[tuple[str, int]]: ...
+    def add_imatrix(self, name: str, values: npt.ArrayLike) -> None: ...
+    @property
+    def imatrix_names(self) -> list[str]: ...
+
+def model_quantize(request: QuantizeRequest) -> None: ...
+
+# ---- types -----------------------------------------------------------------------------------
+
+def type_count() -> int: ...
+def type_info(type: int) -> dict[str, Any] | None: ...
+def type_from_name(name: str) -> int: ...
+def row_size(type: int, n_per_row: int) -> int: ...
+def quantize_init(type: int) -> None: ...
+def quantize_rows(type: int, src: npt.ArrayLike, imatrix: npt.ArrayLike | None = None) -> npt.NDArray[np.uint8]: ...
+def dequantize_rows(type: int, src: npt.NDArray[np.uint8], n_per_row: int) -> npt.NDArray[np.float32]: ...
+
+# ---- imatrix ---------------------------------------------------------------------------------
+
+class ImatrixParams:
+    model_path: str
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_threads: int
+    n_gpu_layers: int
+    process_output: bool
+    compute_ppl: bool
+    def __init__(self) -> None: ...
+
+class ImatrixCollector:
+    def __init__(self, params: ImatrixParams) -> None: ...
+    def tokenize(self, text: str | bytes, parse_special: bool = False) -> npt.NDArray[np.int32]: ...
+    @property
+    def n_vocab(self) -> int: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def n_seq(self) -> int: ...
+    def run(self, tokens: npt.ArrayLike, n_chunk: int,
+            progress: Callable[[dict[str, float]], bool | None] | None = None) -> dict[str, Any]: ...
+    def cancel(self) -> None: ...
+    def entries(self) -> dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float64],
+                                         npt.NDArray[np.int64]]]: ...
