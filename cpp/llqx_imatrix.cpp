@@ -125,6 +125,7 @@ static bool imatrix_collect_mul_mat_id(llqx_imatrix_collector * col, const ggml_
         return false;
     }
 
+    std::vector<uint8_t> touched(n_as, 0);
     for (int64_t idx = 0; idx < n_ids; ++idx) {
         for (int64_t row = 0; row < n_tokens; ++row) {
             const int32_t ex = *(const int32_t *) (col->ids_data.data() + row * ids->nb[1] + idx * ids->nb[0]);
@@ -134,12 +135,16 @@ static bool imatrix_collect_mul_mat_id(llqx_imatrix_collector * col, const ggml_
             }
             const int64_t i11 = idx % src1->ne[1];
             const float * x   = (const float *) (data + i11 * src1->nb[1] + row * src1->nb[2]);
-            if (!imatrix_all_finite(x, ne0)) {
-                imatrix_fail(col, "non-finite activations in the input of " + wname);
-                return false;
-            }
             imatrix_accumulate(e.in_sum2.data() + ex * ne0, e.in_sum.data() + ex * ne0, x, ne0);
             e.counts[ex]++;
+            touched[ex] = 1;
+        }
+    }
+    // a non-finite activation makes its sums non-finite: one check per expert, not per row
+    for (int64_t ex = 0; ex < n_as; ++ex) {
+        if (touched[ex] && !imatrix_all_finite(e.in_sum2.data() + ex * ne0, ne0)) {
+            imatrix_fail(col, "non-finite activations in the input of " + wname);
+            return false;
         }
     }
     return true;
@@ -173,13 +178,13 @@ static bool imatrix_collect_mul_mat(llqx_imatrix_collector * col, const ggml_ten
             double * s1 = e.in_sum.data()  + mat_id * ne0;
             for (int64_t row = 0; row < src1->ne[1]; ++row) {
                 const float * x = (const float *) (data + row * src1->nb[1] + i2 * src1->nb[2] + i3 * src1->nb[3]);
-                if (!imatrix_all_finite(x, ne0)) {
-                    imatrix_fail(col, "non-finite activations in the input of " + wname);
-                    return false;
-                }
                 imatrix_accumulate(s2, s1, x, ne0);
             }
         }
+    }
+    if (!imatrix_all_finite(e.in_sum2.data(), (int64_t) e.in_sum2.size())) {
+        imatrix_fail(col, "non-finite activations in the input of " + wname);
+        return false;
     }
     // one count per dense tensor, like llama-imatrix (rows per matrix)
     for (auto & c : e.counts) {
