@@ -37,6 +37,8 @@ struct llqx_imatrix_collector {
     std::vector<char> src1_data;
     std::vector<char> ids_data;
 
+    double t_collect_s = 0.0; // time spent summing activations (inside the eval callback)
+
     std::atomic<bool> cancel{false};
     std::atomic<bool> failed{false};
     std::string       fail_msg;
@@ -65,6 +67,11 @@ static bool imatrix_all_finite(const float * x, int64_t n) {
 // the hot loop: one activation row into the sums. Σx² is summed in float exactly as llama-imatrix does
 // (same operations, same order), so the file's in_sum2 and every quantization made with it are identical
 // to upstream's; Σx, whose terms cancel, is summed in double.
+// Built for AVX2 too where the compiler can dispatch at run time: plain adds and multiplies
+// (AVX2 without FMA), so both builds round exactly like llama-imatrix's loop.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 static void imatrix_accumulate(float * GGML_RESTRICT s2, double * GGML_RESTRICT s1, const float * GGML_RESTRICT x, int64_t n) {
     for (int64_t j = 0; j < n; ++j) {
         s2[j] += x[j] * x[j];
@@ -212,6 +219,12 @@ static bool imatrix_eval_cb(ggml_tensor * t, bool ask, void * user_data) {
         imatrix_fail(col, "activations of " + wname + " are not contiguous F32 rows");
         return false;
     }
+    const auto t0 = std::chrono::steady_clock::now();
+    struct timer {
+        llqx_imatrix_collector * col;
+        std::chrono::steady_clock::time_point t0;
+        ~timer() { col->t_collect_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); }
+    } guard{ col, t0 };
     const bool is_host = src1->buffer == nullptr || ggml_backend_buffer_is_host(src1->buffer);
     const char * data = (const char *) src1->data;
     if (!is_host) {
@@ -398,6 +411,7 @@ bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> &
                       llqx_imatrix_run_result & result, std::string & err) {
     result = llqx_imatrix_run_result();
     col->cancel.store(false);
+    col->t_collect_s = 0.0;
 
     const int32_t n_ctx = col->params.n_ctx;
     if (n_chunk <= 0 || (int64_t) n_chunk * n_ctx > (int64_t) tokens_in.size()) {
@@ -514,6 +528,7 @@ bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> &
     }
 
     llama_batch_free(batch);
+    result.t_collect_s = col->t_collect_s;
     if (!ok) {
         return false;
     }

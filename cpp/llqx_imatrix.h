@@ -46,6 +46,7 @@ struct llqx_imatrix_run_result {
     double  ppl_err      = 0.0;
     bool    cancelled    = false; // the progress callback asked to stop
     double  t_eval_s     = 0.0;   // wall time of the chunk loop
+    double  t_collect_s  = 0.0;   // of which summing activations in the eval callback
 };
 
 struct llqx_imatrix_collector;

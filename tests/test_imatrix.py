@@ -77,6 +77,8 @@ def test_dense_matches_upstream(dense_pair: tuple[Path, Path]) -> None:
     up, ours = (Imatrix.load(p) for p in dense_pair)
     assert len(up.entries) == 30 * 7
     assert_same_stats(up, ours)
+    for name, e in up.entries.items():  # Σx² is summed like upstream: the very same floats
+        np.testing.assert_array_equal(ours.entries[name].in_sum2, e.in_sum2, err_msg=name)
     assert ours.has_activations
     assert not up.has_activations
     assert (ours.chunk_count, ours.chunk_size, ours.datasets) == (up.chunk_count, up.chunk_size, up.datasets)
@@ -230,7 +232,21 @@ def test_sigint_saves_and_in_file_continues(work: Path, smollm2_f16: Path) -> No
         assert np.max(np.abs(a.entries[n].in_sum - e.in_sum) / scale) < 1e-6, n
 
 
-def test_statistics(dense_pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def upstream_statistics(tool: Path, model: Path, path: Path) -> dict[tuple[int, str], list[str]]:
+    """llama-imatrix --show-statistics rows by (layer, tensor kind): its printed columns as text."""
+    proc = subprocess.run([str(tool), "-m", str(model), "--show-statistics", "--in-file", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        cols = [c.strip() for c in line.split("\t")]
+        if len(cols) == 13 and cols[0].split()[-1].isdigit():
+            rows[(int(cols[0].split()[-1]), cols[1])] = cols
+    return rows
+
+
+def test_statistics(dense_pair: tuple[Path, Path], smollm2_f16: Path, llama_imatrix: Path,
+                    capsys: pytest.CaptureFixture[str]) -> None:
     path = dense_pair[1]
     assert llqx_cli("--show-statistics", "--in-file", str(path), "--json") == 0
     out = json.loads(capsys.readouterr().out)
@@ -260,6 +276,18 @@ def test_statistics(dense_pair: tuple[Path, Path], capsys: pytest.CaptureFixture
     n = sum(x["elements"] for x in ts)
     assert layers[5]["sum_energy"] == pytest.approx(sum(x["sum_energy"] * x["elements"] for x in ts) / n)
     assert layer_stats(tensor_stats(im))[5].cossim == pytest.approx(layers[5]["cossim"])
+
+    # the columns llama-imatrix shows too agree with its own --show-statistics on the same file
+    up = upstream_statistics(llama_imatrix, smollm2_f16, path)
+    assert len(up) == 210
+    for t in out["tensors"]:
+        cols = up[(t["layer"], t["kind"])]
+        assert float(cols[2]) == pytest.approx(t["sum_energy"], rel=1e-4, abs=0.006)
+        assert float(cols[7].rstrip("%")) == pytest.approx(100 * t["active"], abs=0.006)
+        assert int(cols[8]) == t["elements"]
+        assert float(cols[9]) == pytest.approx(t["entropy"], rel=1e-4, abs=6e-5)
+        if t["cossim"] is not None:
+            assert float(cols[12]) == pytest.approx(t["cossim"], abs=6e-4)
 
     assert llqx_cli("--show-statistics", "--in-file", str(path)) == 0
     shown = capsys.readouterr().out
@@ -309,3 +337,44 @@ def test_bad_input(work: Path, smollm2_f16: Path, moe_f16: Path, dense_pair: tup
     fails("-m", str(smollm2_f16), "-f", str(work / "calib.txt"), "-c", str(CTX), "-o", str(out.parent),
           match="output is a directory")
     assert sorted(p.name for p in out.parent.iterdir()) == ["junk.gguf", "out.gguf", "short.txt"]
+
+
+def untied_copy(source: Path, target: Path) -> Path:
+    """The same model with its own output.weight (a copy of token_embd): what --process-output collects."""
+    from llqx.data import _copy_fields
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(target, arch=str(reader.fields["general.architecture"].contents()),
+                             use_temp_file=False)
+    _copy_fields(reader, writer, {"general.architecture"}, file_type=None)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data))
+        if t.name == "token_embd.weight":
+            writer.add_tensor("output.weight", np.asarray(t.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def test_process_output(work: Path, smollm2_f16: Path, llama_imatrix: Path) -> None:
+    model = untied_copy(smollm2_f16, work / "untied.gguf")
+    try:
+        up = work / "po-up.gguf"
+        run_upstream(llama_imatrix, work, "-m", str(model), "-f", "calib.txt", "-o", str(up), "-c", str(CTX),
+                     "--chunks", "2", "-t", "2", "--process-output", "--no-ppl")
+        text = (work / "calib.txt").read_bytes().removesuffix(b"\n")
+        ours = llqx.collect_imatrix(model, text, n_ctx=CTX, chunks=2, threads=2, process_output=True,
+                                    compute_ppl=False, dataset="calib.txt")
+        without = llqx.collect_imatrix(model, text, n_ctx=CTX, chunks=2, threads=2, compute_ppl=False)
+    finally:
+        model.unlink()
+    ref = Imatrix.load(up)
+    assert "output.weight" in ref.entries
+    assert_same_stats(ref, ours)
+    out = ours.entries["output.weight"]
+    assert out.n_per_row == 576
+    assert int(out.counts[0]) == 2 * CTX  # every token's logits
+    assert "output.weight" not in without.entries
+    assert len(without.entries) == len(ours.entries) - 1

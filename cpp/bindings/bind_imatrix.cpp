@@ -133,6 +133,7 @@ void bind_imatrix(py::module_ & m) {
             d["ppl_err"]     = res.ppl_err;
             d["cancelled"]   = res.cancelled;
             d["eval_s"]      = res.t_eval_s;
+            d["collect_s"]   = res.t_collect_s;
             return d;
         }, py::arg("tokens"), py::arg("n_chunk"), py::arg("progress") = py::none(),
            "evaluate n_chunk chunks (GIL released); progress(dict) after each group of chunks may return False "

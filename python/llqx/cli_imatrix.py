@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.in_files:
             raise LlqxError("nothing to do: give a text with -f, or --in-file files to merge or inspect")
         base = _merge_inputs(args)
+        assert base is not None
         if args.show_statistics:
             _show_statistics(base, ", ".join(args.in_files), args.json, Console())
             return 0
@@ -160,7 +161,12 @@ def run(args: argparse.Namespace) -> int:
 
     def combined() -> Imatrix:
         snap = col.snapshot(dataset)
-        return base.merge(snap) if base is not None else snap
+        if base is None:
+            return snap
+        im = base.merge(snap)
+        im.chunk_size = args.ctx
+        im.chunk_count = im.chunks_from_counts()
+        return im
 
     last_saved = {"chunks": base_chunks}
 
@@ -199,12 +205,15 @@ def run(args: argparse.Namespace) -> int:
         result = col.run(tokens, n_chunk, dataset=dataset, progress=on_progress, stop_on_interrupt=True)
 
     final = base.merge(result.imatrix) if base is not None else result.imatrix
+    final.chunk_size = args.ctx  # like llama-imatrix: this run's chunk size, chunks counted in it
+    final.chunk_count = final.chunks_from_counts()
     if not final.entries:
         raise LlqxError("nothing was collected (interrupted before the first chunk finished)")
     _save(final, out, fmt)
     rate = result.tokens / result.eval_s if result.eval_s > 0 else 0.0
     summary = {"output": str(out), "chunks": result.chunks_done, "chunks_planned": n_chunk,
                "chunk_count": final.chunk_count, "tokens": result.tokens, "eval_s": result.eval_s,
+               "collect_s": result.collect_s,
                "tokens_per_s": rate, "ppl": None if math.isnan(result.ppl) else result.ppl,
                "ppl_err": None if math.isnan(result.ppl) else result.ppl_err, "cancelled": result.cancelled,
                "entries": len(final.entries)}
@@ -214,8 +223,9 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}")
     if result.cancelled:
         done = args.skip + result.chunks_done
+        rest = f" --chunks {n_chunk - result.chunks_done}" if args.chunks >= 0 else ""
         console.print(f"[yellow]interrupted[/] after {result.chunks_done} of {n_chunk} chunks: saved {out}; "
-                      f"continue with --in-file {out} --chunk {done}", highlight=False)
+                      f"continue with --in-file {out} --chunk {done}{rest}", highlight=False)
         console.quiet = False
         return 130
     if not args.quiet:

@@ -154,9 +154,7 @@ class Imatrix:
                 other = other.to_raw(out.chunk_size or chunk)
             for ds in other.datasets:
                 out.datasets.append(ds)
-            if out.chunk_size and other.chunk_size and out.chunk_size != other.chunk_size:
-                raise LlqxError(f"cannot merge imatrix files of chunk size {out.chunk_size} "
-                                f"and {other.chunk_size}")
+            # counts are tokens, so runs with other chunk sizes add up; the first chunk size is kept
             out.chunk_size = out.chunk_size or other.chunk_size
             for name, e in other.entries.items():
                 mine = out.entries.get(name)
@@ -277,30 +275,53 @@ def _load_dat(path: Path) -> Imatrix:
     return im
 
 
-def _save_gguf(im: Imatrix, path: Path) -> None:
-    import gguf
+_GGUF_ALIGN = 32
+_GGUF_U32, _GGUF_STRING, _GGUF_ARRAY, _GGML_F32 = 4, 8, 9, 0
 
-    writer = gguf.GGUFWriter(path, arch="imatrix", use_temp_file=False)
-    # an imatrix file is no model: upstream writes general.type, no general.architecture
-    writer.kv_data[0].pop("general.architecture", None)
-    writer.add_type("imatrix")
-    writer.add_array(KEY_DATASETS, list(im.datasets))
-    writer.add_uint32(KEY_CHUNK_COUNT, int(im.chunk_count))
-    writer.add_uint32(KEY_CHUNK_SIZE, int(im.chunk_size))
+
+def _gguf_str(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _save_gguf(im: Imatrix, path: Path) -> None:
+    """GGUF v3 laid out like llama-imatrix's: general.type, imatrix.* keys, then per tensor (by name)
+    NAME.in_sum2 (ne [n_per_row, n_expert]), NAME.counts (ne [1, n_expert]) and, with activations,
+    NAME.in_sum. Written directly (gguf-py cannot write the empty dataset list upstream allows)."""
+    tensors: list[tuple[str, np.ndarray]] = []
     for name in sorted(im.entries):
         e = im.entries[name]
-        sums = e.in_sum2
-        counts = e.counts.astype(np.float32)
-        if im.legacy:  # .dat holds mean·ncall: the GGUF form holds raw sums over tokens
-            sums = sums.astype(np.float32)
-        writer.add_tensor(name + ".in_sum2", np.ascontiguousarray(sums, dtype=np.float32))
-        writer.add_tensor(name + ".counts", counts.reshape(e.n_expert, 1))
+        tensors.append((name + ".in_sum2", np.ascontiguousarray(e.in_sum2, dtype="<f4")))
+        tensors.append((name + ".counts", np.ascontiguousarray(e.counts, dtype="<f4").reshape(e.n_expert, 1)))
         if e.in_sum is not None:
-            writer.add_tensor(name + ".in_sum", np.ascontiguousarray(e.in_sum, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            tensors.append((name + ".in_sum", np.ascontiguousarray(e.in_sum, dtype="<f4")))
+
+    kv = bytearray()
+    kv += _gguf_str("general.type") + struct.pack("<I", _GGUF_STRING) + _gguf_str("imatrix")
+    kv += _gguf_str(KEY_DATASETS) + struct.pack("<IIQ", _GGUF_ARRAY, _GGUF_STRING, len(im.datasets))
+    for ds in im.datasets:
+        kv += _gguf_str(ds)
+    kv += _gguf_str(KEY_CHUNK_COUNT) + struct.pack("<II", _GGUF_U32, int(im.chunk_count))
+    kv += _gguf_str(KEY_CHUNK_SIZE) + struct.pack("<II", _GGUF_U32, int(im.chunk_size))
+
+    info = bytearray()
+    offset = 0
+    for name, arr in tensors:
+        ne = list(reversed(arr.shape))
+        while len(ne) > 1 and ne[-1] == 1:  # ggml_n_dims: trailing 1s are not stored
+            ne.pop()
+        info += _gguf_str(name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
+        info += struct.pack("<IQ", _GGML_F32, offset)
+        offset += -(-arr.nbytes // _GGUF_ALIGN) * _GGUF_ALIGN
+
+    with path.open("wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 4))
+        f.write(kv)
+        f.write(info)
+        f.write(b"\0" * (-f.tell() % _GGUF_ALIGN))
+        for _, arr in tensors:
+            f.write(arr.tobytes())
+            f.write(b"\0" * (-arr.nbytes % _GGUF_ALIGN))
 
 
 def _save_dat(im: Imatrix, path: Path) -> None:

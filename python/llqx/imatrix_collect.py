@@ -44,6 +44,7 @@ class ImatrixRun:
     ppl: float = float("nan")
     ppl_err: float = float("nan")
     eval_s: float = 0.0
+    collect_s: float = 0.0  # of eval_s: summing activations in the eval callback
     cancelled: bool = False
     n_tokens_text: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -177,7 +178,8 @@ class ImatrixCollector:
         assert isinstance(r, dict)
         return ImatrixRun(imatrix=self.snapshot(dataset), chunks_done=int(r["chunks_done"]), chunks=n_chunk,
                           tokens=int(r["tokens"]), ppl=float(r["ppl"]), ppl_err=float(r["ppl_err"]),
-                          eval_s=float(r["eval_s"]), cancelled=bool(r["cancelled"]) or interrupted,
+                          eval_s=float(r["eval_s"]), collect_s=float(r.get("collect_s", 0.0)),
+                          cancelled=bool(r["cancelled"]) or interrupted,
                           n_tokens_text=int(tokens.size))
 
 
