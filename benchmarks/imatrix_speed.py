@@ -69,6 +69,9 @@ def run_upstream(common: list[str], out: Path) -> tuple[float, float]:
     return wall, seen["Final estimate"] - seen["computing over"]
 
 
+COLLECT_SHARE: list[float] = []  # llqx's own time summing activations ÷ its loop time, per run
+
+
 def run_llqx(common: list[str], out: Path) -> tuple[float, float]:
     env = dict(os.environ, PYTHONPATH=str(REPO / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
@@ -78,6 +81,7 @@ def run_llqx(common: list[str], out: Path) -> tuple[float, float]:
     if proc.returncode != 0:
         raise SystemExit(f"llqx imatrix failed:\n{proc.stderr[-2000:]}")
     summary = json.loads(proc.stdout)
+    COLLECT_SHARE.append(float(summary["collect_s"]) / float(summary["eval_s"]))
     return wall, float(summary["eval_s"])
 
 
@@ -122,6 +126,7 @@ def main() -> int:
         "ratio_loop": statistics.median(ratios_loop),
         "ratios_wall": ratios_wall,
         "ratios_loop": ratios_loop,
+        "llqx_collect_share": statistics.median(COLLECT_SHARE),
         "tokens_per_run": tokens,
         "model": model.name,
         "ctx": args.ctx,
@@ -136,8 +141,8 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"median ratio llqx/upstream: wall {result['ratio_wall']:.3f}, loop {result['ratio_loop']:.3f} "
-          f"-> {out}")
+    print(f"median ratio llqx/upstream: wall {result['ratio_wall']:.3f}, loop {result['ratio_loop']:.3f}; "
+          f"llqx sums activations {100 * result['llqx_collect_share']:.2f}% of its loop -> {out}")
     return 0
 
 

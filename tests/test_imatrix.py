@@ -210,7 +210,7 @@ def test_sigint_saves_and_in_file_continues(work: Path, smollm2_f16: Path) -> No
     assert 1 <= k < total
     assert all(int(e.counts[0]) == k * CTX for e in done.entries.values())
 
-    final = work / "sigint" / "final.gguf"
+    final = part  # continued in place: the --in-file is read before the output is written
     full = work / "sigint" / "full.gguf"
     cwd = os.getcwd()
     os.chdir(work)

@@ -76,7 +76,8 @@ def _check_output(path: Path, args: argparse.Namespace) -> None:
         raise LlqxError(f"output is a directory: {path}")
     if str(path) == "" or path.name == "":
         raise LlqxError("empty output path")
-    for other in (args.model, args.file, *args.in_files):
+    # an --in-file may be the output (it is read before anything is written): continuing in place
+    for other in (args.model, args.file):
         if other and Path(other).exists() and path.exists() and path.resolve() == Path(other).resolve():
             raise LlqxError(f"output {path} would overwrite an input")
 
@@ -224,9 +225,9 @@ def run(args: argparse.Namespace) -> int:
     if result.cancelled:
         done = args.skip + result.chunks_done
         rest = f" --chunks {n_chunk - result.chunks_done}" if args.chunks >= 0 else ""
+        console.quiet = False  # shown even with --quiet: the file holds only part of the job
         console.print(f"[yellow]interrupted[/] after {result.chunks_done} of {n_chunk} chunks: saved {out}; "
                       f"continue with --in-file {out} --chunk {done}{rest}", highlight=False)
-        console.quiet = False
         return 130
     if not args.quiet:
         console.print(f"saved {len(final.entries)} entries ({final.chunk_count} chunks) to {out} "
