@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -378,3 +379,35 @@ def test_process_output(work: Path, smollm2_f16: Path, llama_imatrix: Path) -> N
     assert int(out.counts[0]) == 2 * CTX  # every token's logits
     assert "output.weight" not in without.entries
     assert len(without.entries) == len(ours.entries) - 1
+
+
+def test_moe_partial_experts(work: Path, moe_f16: Path, llama_imatrix: Path) -> None:
+    """2 of 4 experts used per token: per-expert counts follow the router, exactly as upstream counts them."""
+    model = work / "moe-top2.gguf"
+    shutil.copy(moe_f16, model)
+    key = b"llama.expert_used_count"
+    with model.open("r+b") as f:
+        head = f.read(32 << 20)  # the key-value section (the tokenizer makes it a few MB)
+        pos = head.index(key) + len(key)
+        assert struct.unpack_from("<II", head, pos) == (4, 4)  # u32 type, 4 experts used
+        f.seek(pos + 4)
+        f.write(struct.pack("<I", 2))
+    try:
+        up = work / "moe-top2-up.gguf"
+        run_upstream(llama_imatrix, work, "-m", str(model), "-f", "calib.txt", "-o", str(up), "-c", str(CTX),
+                     "--chunks", "2", "-t", "2", "--no-ppl")
+        text = (work / "calib.txt").read_bytes().removesuffix(b"\n")
+        ours = llqx.collect_imatrix(model, text, n_ctx=CTX, chunks=2, threads=2, compute_ppl=False)
+    finally:
+        model.unlink()
+    ref = Imatrix.load(up)
+    assert_same_stats(ref, ours)
+    assert any(np.any(e.counts == 0) for n, e in ours.entries.items() if "_exps" in n)  # idle experts
+    for name, e in ours.entries.items():
+        if "_exps" in name:
+            assert e.counts.sum() == 2 * 2 * CTX, name  # two experts per token
+            idle = e.counts == 0
+            np.testing.assert_array_equal(ours.values(name)[idle], 1.0)  # llama-quantize's rule
+            np.testing.assert_array_equal(ours.activations(name)[idle], 0.0)
+        else:
+            assert int(e.counts[0]) == 2 * CTX
