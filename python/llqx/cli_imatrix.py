@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("-c", "--ctx-size", dest="ctx", type=int, default=512,
                    help="chunk size in tokens (default 512)")
     p.add_argument("-b", "--batch-size", dest="batch", type=int, default=2048,
-                   help="logical batch; >= 2 chunks runs several chunks at once (default 2048)")
+                   help="logical batch (default 2048); k·c tokens run k chunks at once, like llama-imatrix")
     p.add_argument("-ub", "--ubatch-size", dest="ubatch", type=int, default=512,
                    help="physical batch (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help=f"threads (default {default_threads()})")
