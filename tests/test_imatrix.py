@@ -239,8 +239,8 @@ def upstream_statistics(tool: Path, model: Path, path: Path) -> dict[tuple[int, 
     Its asynchronous log can lose the tail of the table when the process exits, so the rows of a
     few runs are pooled.
     """
-    rows = {}
-    for _ in range(3):
+    rows: dict[tuple[int, str], list[str]] = {}
+    for _ in range(8):
         proc = subprocess.run([str(tool), "-m", str(model), "--show-statistics", "--in-file", str(path)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr[-2000:]
