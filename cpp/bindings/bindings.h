@@ -8,6 +8,7 @@
 namespace py = pybind11;
 
 void bind_eval(py::module_ & m);
+void bind_imatrix(py::module_ & m);
 void bind_log(py::module_ & m);
 void bind_model(py::module_ & m);
 void bind_quantize(py::module_ & m);

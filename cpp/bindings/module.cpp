@@ -3,6 +3,7 @@
 PYBIND11_MODULE(_core, m) {
     m.doc() = "llqx C++ core on llama.cpp's public API";
     bind_eval(m);
+    bind_imatrix(m);
     bind_log(m);
     bind_model(m);
     bind_quantize(m);

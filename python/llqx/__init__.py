@@ -6,6 +6,7 @@ from . import log as _log
 from .errors import LlqxError
 from .evaluate import EvalResult, evaluate
 from .imatrix import Imatrix, ImatrixEntry
+from .imatrix_collect import collect_imatrix
 from .model import ModelInfo, TensorInfo, inspect
 from .quantize import quantize
 from .types import FILE_TYPES, FileType, GGMLType, file_type, ggml_type, ggml_types
@@ -25,6 +26,7 @@ __all__ = [
     "ModelInfo",
     "TensorInfo",
     "__version__",
+    "collect_imatrix",
     "evaluate",
     "file_type",
     "ggml_type",

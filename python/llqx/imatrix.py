@@ -71,7 +71,10 @@ class Imatrix:
         return out
 
     def activations(self, name: str) -> np.ndarray | None:
-        """E[x] per expert and column, float32 (n_expert, n_per_row); 0 where no token; None without in_sum."""
+        """E[x] per expert and column, float32 (n_expert, n_per_row); 0 where no token.
+
+        None when the record has no ``in_sum`` (upstream files).
+        """
         e = self.entries[name]
         if e.in_sum is None:
             return None
@@ -106,37 +109,93 @@ class Imatrix:
         with atomic_path(p) as tmp:
             _save_gguf(self, tmp) if fmt == "gguf" else _save_dat(self, tmp)
 
-    def merge(self, *others: Imatrix) -> Imatrix:
-        """Sum the raw statistics of several runs over the same model (weighted by their counts)."""
+    def copy(self) -> Imatrix:
         out = Imatrix({}, list(self.datasets), self.chunk_count, self.chunk_size, self.legacy)
         for name, e in self.entries.items():
             out.entries[name] = ImatrixEntry(e.in_sum2.copy(), e.counts.copy(),
                                              None if e.in_sum is None else e.in_sum.copy())
+        return out
+
+    def to_raw(self, chunk_size: int) -> Imatrix:
+        """Raw sums of a legacy .dat record, as llama-imatrix rebuilds them: mean·ncall·chunk_size.
+
+        A record that is not legacy is returned as a copy.
+        """
+        out = self.copy()
+        if not self.legacy:
+            return out
+        if chunk_size <= 0:
+            raise LlqxError("a chunk size is needed to turn a legacy .dat imatrix into raw sums")
+        for e in out.entries.values():
+            e.in_sum2 = e.in_sum2.astype(np.float64) * chunk_size
+            e.counts = np.full(e.n_expert, float(e.counts[0]) * chunk_size)
+            e.in_sum = None
+        out.legacy = False
+        out.chunk_size = chunk_size
+        return out
+
+    def merge(self, *others: Imatrix) -> Imatrix:
+        """Sum the raw statistics of several runs over the same model (weighted by their counts).
+
+        Legacy .dat records are turned into raw sums with this record's chunk size (llama-imatrix's rule).
+        ``in_sum`` survives only where every part has it.
+        """
+        chunk = self.chunk_size or next((o.chunk_size for o in others if o.chunk_size), 0)
+        out = self.to_raw(chunk) if self.legacy else self.copy()
         for other in others:
-            if other.legacy or out.legacy:
-                raise LlqxError("legacy .dat imatrix files cannot be merged; convert them first")
+            if other.legacy:
+                other = other.to_raw(out.chunk_size or chunk)
             for ds in other.datasets:
-                if ds not in out.datasets:
-                    out.datasets.append(ds)
-            out.chunk_count += other.chunk_count
-            if out.chunk_size and other.chunk_size and out.chunk_size != other.chunk_size:
-                raise LlqxError(f"cannot merge imatrix files of chunk size {out.chunk_size} and {other.chunk_size}")
+                out.datasets.append(ds)
+            # counts are tokens, so runs with other chunk sizes add up; the first chunk size is kept
             out.chunk_size = out.chunk_size or other.chunk_size
             for name, e in other.entries.items():
                 mine = out.entries.get(name)
                 if mine is None:
-                    out.entries[name] = ImatrixEntry(e.in_sum2.copy(), e.counts.copy(),
-                                                     None if e.in_sum is None else e.in_sum.copy())
+                    in_sum = None if e.in_sum is None else e.in_sum.astype(np.float64)
+                    out.entries[name] = ImatrixEntry(e.in_sum2.astype(np.float64),
+                                                     e.counts.astype(np.float64), in_sum)
                     continue
+                if mine.n_expert == 1 and e.n_expert > 1 and mine.n_per_row == e.n_per_row:
+                    # an old file with one count for all experts: broadcast it (llama-imatrix does the same)
+                    mine.in_sum2 = np.repeat(mine.in_sum2, e.n_expert, axis=0)
+                    mine.counts = np.repeat(mine.counts, e.n_expert)
+                    mine.in_sum = None if mine.in_sum is None else np.repeat(mine.in_sum, e.n_expert, axis=0)
                 if mine.in_sum2.shape != e.in_sum2.shape:
-                    raise LlqxError(f"imatrix shapes differ for {name}: {mine.in_sum2.shape} vs {e.in_sum2.shape}")
-                mine.in_sum2 = (mine.in_sum2.astype(np.float64) + e.in_sum2).astype(np.float32)
-                mine.counts = mine.counts + e.counts
+                    raise LlqxError(f"imatrix shapes differ for {name}: "
+                                    f"{mine.in_sum2.shape} vs {e.in_sum2.shape}")
+                mine.in_sum2 = mine.in_sum2.astype(np.float64) + e.in_sum2
+                mine.counts = mine.counts.astype(np.float64) + e.counts
                 if mine.in_sum is not None and e.in_sum is not None:
-                    mine.in_sum = (mine.in_sum.astype(np.float64) + e.in_sum).astype(np.float32)
+                    mine.in_sum = mine.in_sum.astype(np.float64) + e.in_sum
                 else:
                     mine.in_sum = None
+            # names only in `out` keep their sums: their in_sum stays valid (the other run did not see them)
+        out.chunk_count = out.chunks_from_counts()
         return out
+
+    def chunks_from_counts(self) -> int:
+        """Chunks the counts amount to, as llama-imatrix records it: max count // chunk size."""
+        if self.legacy or self.chunk_size <= 0 or not self.entries:
+            return self.chunk_count
+        top = max(float(np.max(e.counts)) if e.counts.size else 0.0 for e in self.entries.values())
+        return round(top) // self.chunk_size
+
+    def check_model(self, tensors: dict[str, tuple[int, ...]], source: str = "imatrix") -> None:
+        """Raise LlqxError unless every entry names a weight of the model with the same width.
+
+        ``tensors`` maps weight names to their shapes as ggml ne (ne0 = row width, ne2 = experts).
+        """
+        for name, e in self.entries.items():
+            shape = tensors.get(name)
+            if shape is None:
+                raise LlqxError(f"{source} does not belong to this model: it has data for {name}, "
+                                "which the model lacks")
+            ne0 = int(shape[0])
+            n_mat = int(shape[2]) if len(shape) > 2 else 1
+            if ne0 * n_mat != e.n_per_row * e.n_expert or (e.n_expert > 1 and e.n_expert != n_mat):
+                raise LlqxError(f"{source} does not belong to this model: {name} has {e.n_expert} x "
+                                f"{e.n_per_row} values, the model's weight is {n_mat} x {ne0}")
 
 
 def _load_gguf(path: Path) -> Imatrix:
@@ -210,53 +269,83 @@ def _load_dat(path: Path) -> Imatrix:
     return im
 
 
-def _save_gguf(im: Imatrix, path: Path) -> None:
-    import gguf
+_GGUF_ALIGN = 32
+_GGUF_U32, _GGUF_STRING, _GGUF_ARRAY, _GGML_F32 = 4, 8, 9, 0
 
-    writer = gguf.GGUFWriter(path, arch="imatrix", use_temp_file=False)
-    # an imatrix file is no model: upstream writes general.type, no general.architecture
-    writer.kv_data[0].pop("general.architecture", None)
-    writer.add_type("imatrix")
-    writer.add_array(KEY_DATASETS, list(im.datasets))
-    writer.add_uint32(KEY_CHUNK_COUNT, int(im.chunk_count))
-    writer.add_uint32(KEY_CHUNK_SIZE, int(im.chunk_size))
+
+def _gguf_str(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _save_gguf(im: Imatrix, path: Path) -> None:
+    """GGUF v3 laid out like llama-imatrix's: general.type, imatrix.* keys, then per tensor (by name)
+    NAME.in_sum2 (ne [n_per_row, n_expert]), NAME.counts (ne [1, n_expert]) and, with activations,
+    NAME.in_sum. Written directly (gguf-py cannot write the empty dataset list upstream allows)."""
+    tensors: list[tuple[str, np.ndarray]] = []
     for name in sorted(im.entries):
         e = im.entries[name]
-        sums = e.in_sum2
-        counts = e.counts.astype(np.float32)
-        if im.legacy:  # .dat holds mean·ncall: the GGUF form holds raw sums over tokens
-            sums = sums.astype(np.float32)
-        writer.add_tensor(name + ".in_sum2", np.ascontiguousarray(sums, dtype=np.float32))
-        writer.add_tensor(name + ".counts", counts.reshape(e.n_expert, 1))
+        tensors.append((name + ".in_sum2", np.ascontiguousarray(e.in_sum2, dtype="<f4")))
+        tensors.append((name + ".counts", np.ascontiguousarray(e.counts, dtype="<f4").reshape(e.n_expert, 1)))
         if e.in_sum is not None:
-            writer.add_tensor(name + ".in_sum", np.ascontiguousarray(e.in_sum, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            tensors.append((name + ".in_sum", np.ascontiguousarray(e.in_sum, dtype="<f4")))
+
+    kv = bytearray()
+    kv += _gguf_str("general.type") + struct.pack("<I", _GGUF_STRING) + _gguf_str("imatrix")
+    kv += _gguf_str(KEY_DATASETS) + struct.pack("<IIQ", _GGUF_ARRAY, _GGUF_STRING, len(im.datasets))
+    for ds in im.datasets:
+        kv += _gguf_str(ds)
+    kv += _gguf_str(KEY_CHUNK_COUNT) + struct.pack("<II", _GGUF_U32, int(im.chunk_count))
+    kv += _gguf_str(KEY_CHUNK_SIZE) + struct.pack("<II", _GGUF_U32, int(im.chunk_size))
+
+    info = bytearray()
+    offset = 0
+    for name, arr in tensors:
+        ne = list(reversed(arr.shape))
+        while len(ne) > 1 and ne[-1] == 1:  # ggml_n_dims: trailing 1s are not stored
+            ne.pop()
+        info += _gguf_str(name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
+        info += struct.pack("<IQ", _GGML_F32, offset)
+        offset += -(-arr.nbytes // _GGUF_ALIGN) * _GGUF_ALIGN
+
+    with path.open("wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 4))
+        f.write(kv)
+        f.write(info)
+        f.write(b"\0" * (-f.tell() % _GGUF_ALIGN))
+        for _, arr in tensors:
+            f.write(arr.tobytes())
+            f.write(b"\0" * (-arr.nbytes % _GGUF_ALIGN))
 
 
 def _save_dat(im: Imatrix, path: Path) -> None:
+    """llama-imatrix's legacy layout: entries with data, sorted; values (sum/count)·ncall in float32."""
+    names = [n for n in sorted(im.entries) if im.legacy or bool(np.any(im.entries[n].counts > 0))]
+    if not names:
+        raise LlqxError("no imatrix entry has data: nothing to write")
     with path.open("wb") as f:
-        f.write(struct.pack("<i", len(im.entries)))
-        for name in sorted(im.entries):
+        f.write(struct.pack("<i", len(names)))
+        for name in names:
             e = im.entries[name]
             raw = name.encode("utf-8")
             if im.legacy:
                 ncall = int(e.counts[0])
                 values = e.in_sum2.reshape(-1).astype(np.float32)
             else:
-                # legacy layout: mean·ncall with ncall = chunks seen (upstream's convention)
                 chunk = max(im.chunk_size, 1)
-                ncall = int((int(e.counts.max()) + chunk - 1) // chunk)
-                counts = np.rint(e.counts).astype(np.float32)
-                mean = np.where(counts[:, None] > 0, e.in_sum2 / np.maximum(counts[:, None], 1), 1.0)
-                values = (mean * ncall).astype(np.float32).reshape(-1)
+                counts = np.rint(e.counts).astype(np.int64)
+                ncall = int((int(counts.max()) + chunk - 1) // chunk)
+                sums = e.in_sum2.astype(np.float32)
+                cnt = counts.astype(np.float32)[:, None] * np.ones_like(sums)
+                zero = cnt == 0
+                sums = np.where(zero, np.float32(1), sums)
+                cnt = np.where(zero, np.float32(1), cnt)
+                values = ((sums / cnt) * np.float32(ncall)).astype(np.float32).reshape(-1)
             f.write(struct.pack("<i", len(raw)))
             f.write(raw)
             f.write(struct.pack("<ii", ncall, values.size))
             f.write(values.astype("<f4").tobytes())
         f.write(struct.pack("<i", int(im.chunk_count)))
-        ds = (im.datasets[0] if im.datasets else "").encode("utf-8")
+        ds = (im.datasets[-1] if im.datasets else "").encode("utf-8")
         f.write(struct.pack("<i", len(ds)))
         f.write(ds)

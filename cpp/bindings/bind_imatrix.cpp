@@ -1,0 +1,146 @@
+#include "bindings.h"
+
+#include "llqx_imatrix.h"
+
+#include <cmath>
+#include <memory>
+#include <stdexcept>
+
+namespace {
+
+// owns the C++ collector; the Python object is used from one thread at a time (cancel() from any)
+struct imatrix_collector_handle {
+    llqx_imatrix_collector * col = nullptr;
+
+    ~imatrix_collector_handle() { llqx_imatrix_free(col); }
+};
+
+struct progress_ctx {
+    py::object                             callback;
+    std::unique_ptr<py::error_already_set> error;
+};
+
+} // namespace
+
+static bool imatrix_progress_trampoline(const llqx_imatrix_progress & p, void * user_data) {
+    auto * pc = (progress_ctx *) user_data;
+    py::gil_scoped_acquire acquire;
+    if (pc->callback.is_none()) {
+        return true;
+    }
+    try {
+        py::dict d;
+        d["chunks_done"] = p.n_chunk_done;
+        d["chunks"]      = p.n_chunk;
+        d["tokens_done"] = p.n_tokens_done;
+        d["tokens"]      = p.n_tokens;
+        d["ppl"]         = p.ppl;
+        d["elapsed_s"]   = p.t_elapsed_s;
+        py::object ret = pc->callback(d);
+        return ret.is_none() || ret.cast<bool>();
+    } catch (py::error_already_set & e) {
+        pc->error = std::make_unique<py::error_already_set>(std::move(e));
+        return false;
+    }
+}
+
+static py::dict imatrix_entries_dict(const llqx_imatrix_collector * col) {
+    std::vector<llqx_imatrix_sums> entries;
+    llqx_imatrix_entries(col, entries);
+    py::dict out;
+    for (auto & e : entries) {
+        const py::ssize_t ne = (py::ssize_t) e.n_expert;
+        const py::ssize_t nr = (py::ssize_t) e.n_per_row;
+        py::array_t<float>   in_sum2({ ne, nr });
+        py::array_t<double>  in_sum({ ne, nr });
+        py::array_t<int64_t> counts(ne);
+        std::copy(e.in_sum2.begin(), e.in_sum2.end(), in_sum2.mutable_data());
+        std::copy(e.in_sum.begin(), e.in_sum.end(), in_sum.mutable_data());
+        std::copy(e.counts.begin(), e.counts.end(), counts.mutable_data());
+        out[py::str(e.name)] = py::make_tuple(in_sum2, in_sum, counts);
+    }
+    return out;
+}
+
+void bind_imatrix(py::module_ & m) {
+    py::class_<llqx_imatrix_params>(m, "ImatrixParams")
+        .def(py::init<>())
+        .def_readwrite("model_path", &llqx_imatrix_params::model_path)
+        .def_readwrite("n_ctx", &llqx_imatrix_params::n_ctx)
+        .def_readwrite("n_batch", &llqx_imatrix_params::n_batch)
+        .def_readwrite("n_ubatch", &llqx_imatrix_params::n_ubatch)
+        .def_readwrite("n_threads", &llqx_imatrix_params::n_threads)
+        .def_readwrite("n_gpu_layers", &llqx_imatrix_params::n_gpu_layers)
+        .def_readwrite("process_output", &llqx_imatrix_params::process_output)
+        .def_readwrite("compute_ppl", &llqx_imatrix_params::compute_ppl);
+
+    py::class_<imatrix_collector_handle, std::shared_ptr<imatrix_collector_handle>>(m, "ImatrixCollector")
+        .def(py::init([](const llqx_imatrix_params & params) {
+            std::string err;
+            llqx_imatrix_collector * col = nullptr;
+            {
+                py::gil_scoped_release release;
+                col = llqx_imatrix_init(params, err);
+            }
+            if (col == nullptr) {
+                throw std::invalid_argument(err);
+            }
+            auto h = std::make_shared<imatrix_collector_handle>();
+            h->col = col;
+            return h;
+        }), py::arg("params"), "load the model and make a context like llama-imatrix's; ValueError on failure")
+        .def("tokenize", [](imatrix_collector_handle & h, const std::string & text, bool parse_special) {
+            std::vector<int32_t> tokens;
+            std::string err;
+            bool ok = false;
+            {
+                py::gil_scoped_release release;
+                ok = llqx_imatrix_tokenize(h.col, text, parse_special, tokens, err);
+            }
+            if (!ok) {
+                throw std::invalid_argument(err);
+            }
+            py::array_t<int32_t> out((py::ssize_t) tokens.size());
+            std::copy(tokens.begin(), tokens.end(), out.mutable_data());
+            return out;
+        }, py::arg("text"), py::arg("parse_special") = false,
+           "token ids of text (bytes or str) with BOS added when the vocab adds one")
+        .def_property_readonly("n_vocab", [](const imatrix_collector_handle & h) { return llqx_imatrix_n_vocab(h.col); })
+        .def_property_readonly("chunk_size", [](const imatrix_collector_handle & h) { return llqx_imatrix_chunk_size(h.col); })
+        .def_property_readonly("n_seq", [](const imatrix_collector_handle & h) { return llqx_imatrix_n_seq(h.col); })
+        .def("run", [](imatrix_collector_handle & h, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
+                       int32_t n_chunk, py::object progress) {
+            std::vector<int32_t> tok(tokens.data(), tokens.data() + tokens.size());
+            progress_ctx pc;
+            pc.callback = std::move(progress);
+            llqx_imatrix_run_result res;
+            std::string err;
+            bool ok = false;
+            {
+                py::gil_scoped_release release;
+                ok = llqx_imatrix_run(h.col, tok, n_chunk, imatrix_progress_trampoline, &pc, res, err);
+            }
+            if (pc.error) {
+                throw std::move(*pc.error);
+            }
+            if (!ok) {
+                throw std::runtime_error(err);
+            }
+            py::dict d;
+            d["chunks_done"] = res.n_chunk_done;
+            d["tokens"]      = res.n_tokens;
+            d["ppl"]         = res.ppl;
+            d["ppl_err"]     = res.ppl_err;
+            d["cancelled"]   = res.cancelled;
+            d["eval_s"]      = res.t_eval_s;
+            d["collect_s"]   = res.t_collect_s;
+            return d;
+        }, py::arg("tokens"), py::arg("n_chunk"), py::arg("progress") = py::none(),
+           "evaluate n_chunk chunks (GIL released); progress(dict) after each group of chunks may return False "
+           "to stop; RuntimeError on failure (e.g. non-finite activations)")
+        .def("cancel", [](imatrix_collector_handle & h) { llqx_imatrix_cancel(h.col); },
+             "ask a running run() to stop after the current group of chunks (callable from any thread)")
+        .def("entries", [](const imatrix_collector_handle & h) { return imatrix_entries_dict(h.col); },
+             "{name: (in_sum2 float32 (n_expert, n_per_row), in_sum float64, counts int64 (n_expert,))} collected "
+             "so far; call between runs or from the progress callback");
+}
