@@ -195,8 +195,8 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             return -1;
         }
         auto st = std::make_unique<score_tensor>();
-        const int64_t per_expert = std::max<int64_t>(params.min_rows,
-            (params.sample_elements / j.ne[2] + j.ne[0] - 1) / j.ne[0]);
+        const int64_t n_sample   = j.sample_elements > 0 ? j.sample_elements : params.sample_elements;
+        const int64_t per_expert = std::max<int64_t>(params.min_rows, (n_sample / j.ne[2] + j.ne[0] - 1) / j.ne[0]);
         const int64_t block_rows = std::max<int64_t>(1, LLQX_SCORE_BLOCK_ELEMENTS / j.ne[0]);
         std::vector<int64_t> rows;
         st->expert_first.push_back(0);

@@ -15,6 +15,7 @@ struct llqx_score_job {
     std::vector<int32_t> candidates;   // ggml types to score (already width-compatible)
     std::vector<float>   weights;      // ne[2] * ne[0] importance values (E[x^2]), or empty: plain MSE
     std::vector<float>   activations;  // ne[2] * ne[0] mean activations (E[x]), or empty: no bias term
+    int64_t              sample_elements = 0; // elements to sample (over all experts); 0: the run's default
 };
 
 struct llqx_score_params {

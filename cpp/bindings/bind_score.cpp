@@ -72,6 +72,7 @@ static py::object score_run(const std::string & path, py::list jobs_in, int32_t 
         j.candidates  = d["candidates"].cast<std::vector<int32_t>>();
         j.weights     = float_vector(d.contains("weights") ? py::object(d["weights"]) : py::object(py::none()), "weights", j.name);
         j.activations = float_vector(d.contains("activations") ? py::object(d["activations"]) : py::object(py::none()), "activations", j.name);
+        j.sample_elements = d.contains("sample_elements") ? d["sample_elements"].cast<int64_t>() : 0;
         jobs.push_back(std::move(j));
     }
     llqx_score_params params;
@@ -124,6 +125,6 @@ void bind_score(py::module_ & m) {
           py::arg("sample_elements") = 1 << 20, py::arg("min_rows") = 16, py::arg("trim") = 0.02,
           py::arg("callback") = py::none(), py::arg("cancel") = nullptr,
           "score tensors of a GGUF: jobs are dicts (name, src_type, ne[3], offset, candidates, weights, "
-          "activations); callback(job, errors, n_rows) -> bool runs as each finishes. Returns "
+          "activations, sample_elements); callback(job, errors, n_rows) -> bool runs as each finishes. Returns "
           "(complete, [errors or None per job]).");
 }

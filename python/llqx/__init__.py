@@ -6,7 +6,9 @@ from . import log as _log
 from .errors import LlqxError
 from .imatrix import Imatrix, ImatrixEntry
 from .model import ModelInfo, TensorInfo, inspect
+from .plan import Plan, PlanTensor
 from .quantize import quantize
+from .scoring import Scores, score
 from .types import FILE_TYPES, FileType, GGMLType, file_type, ggml_type, ggml_types
 
 _log.install()
@@ -21,6 +23,9 @@ __all__ = [
     "ImatrixEntry",
     "LlqxError",
     "ModelInfo",
+    "Plan",
+    "PlanTensor",
+    "Scores",
     "TensorInfo",
     "__version__",
     "file_type",
@@ -28,4 +33,5 @@ __all__ = [
     "ggml_types",
     "inspect",
     "quantize",
+    "score",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -9,12 +10,16 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import _core
 from . import log as _log
 from .errors import LlqxError
 from .imatrix import Imatrix
 from .types import FileType, file_type, ggml_type
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
@@ -89,6 +94,19 @@ def select_imatrix(imatrix: Imatrix, include: Sequence[str] = (), exclude: Seque
     return ImatrixSelection(dict(weights), list(imatrix.datasets), imatrix.chunk_count)
 
 
+def imatrix_kv_overrides(sel: ImatrixSelection, label: str) -> list[_core.KvOverride]:
+    """The metadata llama-quantize records about the imatrix it used (none when no weights are left)."""
+    if not sel.weights:
+        return []
+    out = [_kv(KEY_IMATRIX_FILE, label)]
+    if sel.datasets:
+        out.append(_kv(KEY_IMATRIX_DATASET, sel.datasets[0]))
+    out.append(_kv(KEY_IMATRIX_N_ENTRIES, len(sel.weights)))
+    if sel.chunk_count > 0:
+        out.append(_kv(KEY_IMATRIX_N_CHUNKS, sel.chunk_count))
+    return out
+
+
 def _resolve_ftype(ftype: str | int | FileType) -> FileType:
     if isinstance(ftype, FileType):
         return ftype
@@ -160,11 +178,14 @@ def quantize(
     keep_split: bool = False,
     dry_run: bool = False,
     max_buffer_size_mib: int = 0,
+    plan: Plan | None = None,
 ) -> Path | None:
     """Quantize a GGUF model with llama.cpp, as llama-quantize would with the same options.
 
     The output is written to a temporary file beside it and renamed when complete, so an error
     or Ctrl+C never leaves a partial file. Returns the output path (None for a dry run).
+    With ``plan`` (from ``llqx.score(...).plan(...)``) every tensor gets its planned type (ftype is
+    ignored) and the written file is checked against the plan before it is renamed into place.
     """
     ft = _resolve_ftype(ftype)
     inp = Path(input)
@@ -191,22 +212,41 @@ def quantize(
         req.add_tensor_override(pattern.lower(), ggml_type(tt).id)
 
     kv_overrides = [parse_kv_override(s) for s in override_kv]
+    if plan is not None:
+        # one anchored override per tensor on a pure Q8_0 base: llama.cpp writes exactly the plan
+        req.ftype = file_type("Q8_0").ftype  # type: ignore[union-attr]
+        req.pure = True
+        req.allow_requantize = req.allow_requantize or plan.requantize
+        for pattern, tt in plan.overrides():
+            req.add_tensor_override(pattern, tt)
+        if imatrix_label is None:
+            imatrix_label = plan.imatrix_label
+        if imatrix is None and plan.imatrix_label is not None:
+            raise LlqxError("this plan was made with an imatrix: pass the same imatrix to quantize()")
     if imatrix is not None:
         im = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
         label = imatrix_label if imatrix_label is not None else (
             "" if isinstance(imatrix, Imatrix) else os.fspath(imatrix))
         sel = select_imatrix(im, include_weights, exclude_weights)
-        if sel.weights:
-            for name, values in sel.weights.items():
-                req.add_imatrix(name, values)
-            kv_overrides.append(_kv(KEY_IMATRIX_FILE, label))
-            if sel.datasets:
-                kv_overrides.append(_kv(KEY_IMATRIX_DATASET, sel.datasets[0]))
-            kv_overrides.append(_kv(KEY_IMATRIX_N_ENTRIES, len(sel.weights)))
-            if sel.chunk_count > 0:
-                kv_overrides.append(_kv(KEY_IMATRIX_N_CHUNKS, sel.chunk_count))
+        for name, values in sel.weights.items():
+            req.add_imatrix(name, values)
+        kv_overrides.extend(imatrix_kv_overrides(sel, label))
     req.kv_overrides = kv_overrides
 
+    if plan is not None:
+        # the plan's one override per tensor is intended: keep llama.cpp from warning about each
+        _log.logger.addFilter(_drop_override_notes)
+    try:
+        return _run_to(req, out, plan)
+    finally:
+        _log.logger.removeFilter(_drop_override_notes)
+
+
+def _drop_override_notes(record: logging.LogRecord) -> bool:
+    return "applying manual override" not in record.getMessage()
+
+
+def _run_to(req: _core.QuantizeRequest, out: Path | None, plan: Plan | None) -> Path | None:
     if out is None:
         req.output = ""
         run_model_quantize(req)
@@ -220,6 +260,8 @@ def quantize(
         produced = sorted(tmpdir.iterdir())
         if not produced:
             raise LlqxError(f"llama.cpp wrote no output for {out}")
+        if plan is not None:
+            plan.verify(tmpdir / out.name)
         for f in produced:
             os.replace(f, out.parent / f.name)
     finally:
