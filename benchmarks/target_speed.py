@@ -41,18 +41,24 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int
     """Wall seconds and peak RSS (KiB) of one command, from /usr/bin/time -v."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         t0 = time.monotonic()
-        proc = subprocess.run(["/usr/bin/time", "-v", "-o", tf.name, *cmd], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            ["/usr/bin/time", "-v", "-o", tf.name, *cmd], env=env, capture_output=True, text=True
+        )
         wall = time.monotonic() - t0
         if proc.returncode != 0:
             raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-        rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", Path(tf.name).read_text()).group(1))
+        rss = int(
+            re.search(r"Maximum resident set size \(kbytes\): (\d+)", Path(tf.name).read_text()).group(1)
+        )
     return wall, rss
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="F16 GGUF (default: the SmolLM2 fixture)")
-    ap.add_argument("--imatrix", type=Path, default=None, help="imatrix (default: made with llama-imatrix on c4)")
+    ap.add_argument(
+        "--imatrix", type=Path, default=None, help="imatrix (default: made with llama-imatrix on c4)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "target_speed.json")
@@ -66,21 +72,63 @@ def main() -> int:
         calib = work / "calib.txt"
         calib.write_text(data.text("c4").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
         imatrix = work / "imatrix.gguf"
-        subprocess.run([str(tool("llama-imatrix")), "-m", str(model), "-f", str(calib), "-c", "256", "--chunks",
-                        "4", "-t", str(args.threads), "-o", str(imatrix)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                str(tool("llama-imatrix")),
+                "-m",
+                str(model),
+                "-f",
+                str(calib),
+                "-c",
+                "256",
+                "--chunks",
+                "4",
+                "-t",
+                str(args.threads),
+                "-o",
+                str(imatrix),
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     up_out = work / "upstream-q4_k_m.gguf"
-    up_wall, up_rss = timed([str(tool("llama-quantize")), "--imatrix", str(imatrix), str(model), str(up_out),
-                             "Q4_K_M", str(args.threads)])
+    up_wall, up_rss = timed(
+        [
+            str(tool("llama-quantize")),
+            "--imatrix",
+            str(imatrix),
+            str(model),
+            str(up_out),
+            "Q4_K_M",
+            str(args.threads),
+        ]
+    )
     target = round(llqx.inspect(up_out).bpw, 4)
     up_out.unlink()
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])
+    )
     state = work / "bench.llqx-state"
     state.unlink(missing_ok=True)
     out = work / "llqx-target.gguf"
-    cmd = [sys.executable, "-m", "llqx.target_cli", str(model), str(out), "--imatrix", str(imatrix),
-           "--target-bpw", str(target), "--nthreads", str(args.threads), "--state-file", str(state), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llqx.target_cli",
+        str(model),
+        str(out),
+        "--imatrix",
+        str(imatrix),
+        "--target-bpw",
+        str(target),
+        "--nthreads",
+        str(args.threads),
+        "--state-file",
+        str(state),
+        "--quiet",
+    ]
     cold_wall, cold_rss = timed(cmd, env)
     got = llqx.inspect(out).bpw
     out.unlink()

@@ -183,6 +183,9 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         return -1;
     }
     const uint8_t * base = (const uint8_t *) mf.addr;
+    // sampled rows are scattered: no readahead, and each tensor's pages are dropped once it is scored
+    madvise(mf.addr, mf.size, MADV_RANDOM);
+    const uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE);
 
     // sampling plan and the flat, ordered list of work items
     std::vector<std::unique_ptr<score_tensor>> tensors(jobs.size());
@@ -250,6 +253,11 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         }
         st.data.clear();
         st.data.shrink_to_fit();
+        {
+            const uint64_t begin = j.offset / page * page;
+            const uint64_t end   = j.offset + ggml_row_size((ggml_type) j.src_type, j.ne[0]) * (uint64_t) (j.ne[1] * j.ne[2]);
+            madvise((void *) (base + begin), (size_t) (end - begin), MADV_DONTNEED);
+        }
         st.row_err.clear();
         st.row_err.shrink_to_fit();
         std::lock_guard<std::mutex> lock(done_mutex);

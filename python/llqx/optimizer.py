@@ -52,18 +52,21 @@ def allocate(curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: int, slack
     if n == 0:
         return []
     fronts = [pareto_front(c, e) for c, e in curves]
-    hulls = [lower_hull(c, e, f) for (c, e), f in zip(curves, fronts)]
+    hulls = [lower_hull(c, e, f) for (c, e), f in zip(curves, fronts, strict=True)]
     width = max(len(h) for h in hulls)
     hc = np.full((n, width), np.inf)
     he = np.full((n, width), np.inf)
-    for t, ((c, e), h) in enumerate(zip(curves, hulls)):
+    for t, ((c, e), h) in enumerate(zip(curves, hulls, strict=True)):
         hc[t, : len(h)] = c[h]
         he[t, : len(h)] = e[h]
     rows = np.arange(n)
 
     def choose(mu: float) -> np.ndarray:
-        obj = np.where(np.isfinite(hc), np.where(np.isfinite(he), he, 0.0) + mu * np.where(np.isfinite(hc), hc, 0.0),
-                       np.inf)
+        obj = np.where(
+            np.isfinite(hc),
+            np.where(np.isfinite(he), he, 0.0) + mu * np.where(np.isfinite(hc), hc, 0.0),
+            np.inf,
+        )
         return np.argmin(obj, axis=1)
 
     def total(pos: np.ndarray) -> float:
@@ -128,6 +131,11 @@ def allocate(curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: int, slack
     valid_all = np.isfinite(ac)
     # the phases stay apart: a padding move undone by an "improving" one would cycle
     for padding in (False, True):
+        if padding and left > slack:
+            spent, changes = _land_on_budget(ac, ae, cur, rows, left, slack)
+            left -= spent
+            for t, k in changes:
+                cur[t] = k
         for _ in range(20 * n):
             if padding and left <= slack:
                 break
@@ -141,8 +149,15 @@ def allocate(curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: int, slack
     return [int(x) for x in cur]
 
 
-def _best_move(ac: np.ndarray, ae: np.ndarray, valid: np.ndarray, cur: np.ndarray, rows: np.ndarray, left: float,
-               padding: bool) -> tuple[float, list[tuple[int, int]]] | None:
+def _best_move(
+    ac: np.ndarray,
+    ae: np.ndarray,
+    valid: np.ndarray,
+    cur: np.ndarray,
+    rows: np.ndarray,
+    left: float,
+    padding: bool,
+) -> tuple[float, list[tuple[int, int]]] | None:
     """The best single move or pair of moves that fits in `left` bytes: lowest error change, which must be
     negative unless padding (then it must spend bytes). Ties: the larger byte change, then the lower index."""
     cc = ac[rows, cur]
@@ -159,6 +174,14 @@ def _best_move(ac: np.ndarray, ae: np.ndarray, valid: np.ndarray, cur: np.ndarra
     if len(ts) >= 2:
         mdc, mde = dc[ts, ks], de[ts, ks]
         order = np.argsort(np.abs(mdc), kind="stable")[:PAIR_MOVES]
+        if padding:
+            # landing on the budget may take undoing a big downgrade while making a small one: add the
+            # smallest upgrades and downgrades of every size class
+            up = np.nonzero(mdc > 0)[0]
+            down = np.nonzero(mdc < 0)[0]
+            up = up[np.argsort(mdc[up], kind="stable")[:PAIR_MOVES]]
+            down = down[np.argsort(-mdc[down], kind="stable")[:PAIR_MOVES]]
+            order = np.unique(np.concatenate([order, up, down]))
         ts, ks, mdc, mde = ts[order], ks[order], mdc[order], mde[order]
         net = mdc[:, None] + mdc[None, :]
         err = mde[:, None] + mde[None, :]
@@ -167,7 +190,66 @@ def _best_move(ac: np.ndarray, ae: np.ndarray, valid: np.ndarray, cur: np.ndarra
             key = np.where(ok, err, np.inf)
             i, j = np.unravel_index(int(np.argmin(key)), key.shape)
             if best is None or key[i, j] < best[0] - 1e-15:
-                best = (float(key[i, j]), float(net[i, j]), [(int(ts[i]), int(ks[i])), (int(ts[j]), int(ks[j]))])
+                best = (
+                    float(key[i, j]),
+                    float(net[i, j]),
+                    [(int(ts[i]), int(ks[i])), (int(ts[j]), int(ks[j]))],
+                )
     if best is None:
         return None
     return best[1], best[2]
+
+
+def _land_on_budget(
+    ac: np.ndarray, ae: np.ndarray, cur: np.ndarray, rows: np.ndarray, left: float, slack: float
+) -> tuple[float, list[tuple[int, int]]]:
+    """Several moves at once (at most one per tensor) whose bytes add up to within `slack` of `left`, with
+    the least error added: a multiple-choice knapsack over bytes in units of slack/4 (each move's bytes
+    rounded up, so the real total never exceeds the rounded one). Downgrades may pay for an upgrade."""
+    g = max(1.0, slack / 4.0)
+    n_left = int(left // g)
+    n_down = 4 * n_left  # downgrades may free up to this much, to pay for upgrades of up to left + it
+    size = n_down + n_left + n_down + 1
+    if n_left <= 0 or size > 200_000:
+        return 0.0, []
+    cc = ac[rows, cur]
+    ce = ae[rows, cur]
+    best = np.full(size, np.inf)
+    best[n_down] = 0.0
+    picks: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for t in range(len(cur)):
+        ks = [k for k in range(ac.shape[1]) if k != cur[t] and np.isfinite(ac[t, k])]
+        w = np.array([int(np.ceil((ac[t, k] - cc[t]) / g)) for k in ks], dtype=np.int64)
+        keep = [i for i in range(len(ks)) if -n_down <= w[i] <= n_left + n_down]
+        if not keep:
+            continue
+        new = best.copy()
+        choice = np.full(size, -1, dtype=np.int32)
+        for i in keep:
+            de = ae[t, ks[i]] - ce[t]
+            shifted = np.full(size, np.inf)
+            if w[i] >= 0:
+                shifted[w[i] :] = best[: size - w[i]] + de
+            else:
+                shifted[: size + w[i]] = best[-w[i] :] + de
+            better = shifted < new
+            new[better] = shifted[better]
+            choice[better] = ks[i]
+        picks.append((t, choice, w))
+        best = new
+    lo_u = max(0, n_down + int(np.ceil((left - slack) / g)))
+    window = best[lo_u : n_down + n_left + 1]
+    if len(window) == 0 or not np.isfinite(window).any():
+        return 0.0, []
+    u = lo_u + int(np.argmin(window))
+    # walk back through the choices
+    changes: list[tuple[int, int]] = []
+    for t, choice, _ in reversed(picks):
+        k = int(choice[u])
+        if k >= 0:
+            changes.append((t, k))
+            u -= int(np.ceil((ac[t, k] - cc[t]) / g))
+    spent = float(sum(ac[t, k] - cc[t] for t, k in changes))
+    if spent > left or spent <= 0:
+        return 0.0, []
+    return spent, changes

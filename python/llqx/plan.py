@@ -115,8 +115,10 @@ class Plan:
             if w is None:
                 raise LlqxError(f"written model lacks tensor {t.name}")
             if w.type != t.type or w.nbytes != t.nbytes:
-                raise LlqxError(f"{t.name} was written as {w.type_name} ({w.nbytes} bytes), "
-                                f"planned {t.type_name} ({t.nbytes} bytes)")
+                raise LlqxError(
+                    f"{t.name} was written as {w.type_name} ({w.nbytes} bytes), "
+                    f"planned {t.type_name} ({t.nbytes} bytes)"
+                )
         if info.file_size != self.file_size:
             raise LlqxError(f"written file has {info.file_size} bytes, planned {self.file_size}")
 
@@ -133,10 +135,19 @@ class Plan:
             "error": self.error,
             "achievable_bpw": list(self.achievable),
             "tensors": [
-                {"name": t.name, "type": t.type_name, "bytes": t.nbytes, "elements": t.n_elements,
-                 "bpw": t.bpw, "error": t.error, "status": t.status}
+                {
+                    "name": t.name,
+                    "type": t.type_name,
+                    "bytes": t.nbytes,
+                    "elements": t.n_elements,
+                    "bpw": t.bpw,
+                    "error": t.error,
+                    "status": t.status,
+                }
                 for t in self.tensors
             ],
-            "layers": {k: {"bytes": b, "elements": n, "bpw": 8.0 * b / max(n, 1)}
-                       for k, (b, n) in self.layers().items()},
+            "layers": {
+                k: {"bytes": b, "elements": n, "bpw": 8.0 * b / max(n, 1)}
+                for k, (b, n) in self.layers().items()
+            },
         }

@@ -207,7 +207,7 @@ def quantize(
     req.keep_split = keep_split
     req.dry_run = dry_run
     req.max_buf_size = max(0, max_buffer_size_mib) * 1024 * 1024
-    req.prune_layers = sorted(set(int(x) for x in prune_layers))
+    req.prune_layers = sorted({int(x) for x in prune_layers})
     for pattern, tt in tensor_types:
         req.add_tensor_override(pattern.lower(), ggml_type(tt).id)
 

@@ -33,16 +33,36 @@ from .types import ggml_type
 log = logging.getLogger("llqx")
 
 # method.md §2; the 16-bit candidate is F16, or BF16 for a BF16 source
-CANDIDATES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q2_K", "Q3_K", "IQ4_XS",
-              "IQ4_NL", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16")
+CANDIDATES = (
+    "IQ1_S",
+    "IQ1_M",
+    "IQ2_XXS",
+    "IQ2_XS",
+    "IQ2_S",
+    "IQ3_XXS",
+    "IQ3_S",
+    "Q2_K",
+    "Q3_K",
+    "IQ4_XS",
+    "IQ4_NL",
+    "Q4_0",
+    "Q4_1",
+    "Q4_K",
+    "Q5_0",
+    "Q5_1",
+    "Q5_K",
+    "Q6_K",
+    "Q8_0",
+    "F16",
+)
 SCORING_VERSION = 1
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
 # the estimate is a per-row mean, so it needs rows from all over the tensor more than many rows
 SAMPLE_FRACTION = 1 / 32
 SAMPLE_FLOOR = 1 << 15
 SAMPLE_CAP = 1 << 18
-MIN_ROWS = 16              # per expert slice (all rows when it has fewer)
-TRIM = 0.02                # robust mean: drop this fraction of rows at each end
+MIN_ROWS = 16  # per expert slice (all rows when it has fewer)
+TRIM = 0.02  # robust mean: drop this fraction of rows at each end
 
 # tensor_type_fallback in llama-quant.cpp (b11312)
 _FALLBACK = {
@@ -55,19 +75,57 @@ _FALLBACK = {
 
 # tensor_allows_quantization in llama-quant.cpp (b11312): substrings that keep a tensor as it is
 _KEEP_SUBSTRINGS = (
-    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj",
-    "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight", "indexer.q_proj.weight",
-    "time_mix_first.weight", "time_mix_w0.weight", "time_mix_w1.weight", "time_mix_w2.weight",
-    "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight", "time_mix_a0.weight",
-    "time_mix_a1.weight", "time_mix_a2.weight", "time_mix_g1.weight", "time_mix_g2.weight",
-    "time_mix_decay_w1.weight", "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight", "attn_rel_b.weight",
-    ".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger",
-    "a.rvq.codebook", "mm.a.code_embd",
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "time_mix_first.weight",
+    "time_mix_w0.weight",
+    "time_mix_w1.weight",
+    "time_mix_w2.weight",
+    "time_mix_v0.weight",
+    "time_mix_v1.weight",
+    "time_mix_v2.weight",
+    "time_mix_a0.weight",
+    "time_mix_a1.weight",
+    "time_mix_a2.weight",
+    "time_mix_g1.weight",
+    "time_mix_g2.weight",
+    "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight",
+    "time_mix_lerp_fused.weight",
+    "attn_rel_b.weight",
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
 )
 _KEEP_GLM5_NEXT = (
-    "hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
-    "indexer_compressor_ape", "ssm_f_a.weight", "ssm_f_b.weight", "ssm_g_a.weight", "ssm_g_b.weight",
-    "ssm_beta.weight", "attn_kv_a_mqa.weight", "attn_k_b.weight", "attn_v_b.weight",
+    "hc_",
+    "indexer.attn_q_b",
+    "indexer.attn_k",
+    "indexer.proj",
+    "indexer_compressor_gate",
+    "indexer_compressor_ape",
+    "ssm_f_a.weight",
+    "ssm_f_b.weight",
+    "ssm_g_a.weight",
+    "ssm_g_b.weight",
+    "ssm_beta.weight",
+    "attn_kv_a_mqa.weight",
+    "attn_k_b.weight",
+    "attn_v_b.weight",
 )
 _TOKEN_EMBD = ("token_embd.weight", "per_layer_token_embd.weight")
 
@@ -80,9 +138,7 @@ def tensor_is_quantizable(name: str, n_dims: int, arch: str) -> bool:
         return False
     if name in ("position_embd.weight", "token_types.weight"):
         return False
-    if arch == "glm5-next" and any(s in name for s in _KEEP_GLM5_NEXT):
-        return False
-    return True
+    return not (arch == "glm5-next" and any(s in name for s in _KEEP_GLM5_NEXT))
 
 
 def fallback_type(type_id: int, ne0: int) -> int:
@@ -102,7 +158,7 @@ def fallback_type(type_id: int, ne0: int) -> int:
 
 
 def needs_imatrix(name: str, type_id: int) -> bool:
-    """llama.cpp refuses these without importance data (tensor_requires_imatrix; ggml's own list is a subset)."""
+    """llama.cpp refuses these without importance data (tensor_requires_imatrix; ggml's list is a subset)."""
     t = ggml_type(type_id)
     if name in _TOKEN_EMBD or name == "output.weight":
         return t.name.upper() in ("IQ2_XXS", "IQ2_XS", "IQ1_S")  # ggml_quantize_requires_imatrix
@@ -110,7 +166,7 @@ def needs_imatrix(name: str, type_id: int) -> bool:
 
 
 def _shape3(t: TensorInfo) -> tuple[int, int, int]:
-    s = list(t.shape) + [1, 1, 1]
+    s = [*list(t.shape), 1, 1, 1]
     return s[0], s[1], s[2] * s[3]
 
 
@@ -151,8 +207,10 @@ def _check_imatrix(info: ModelInfo, im: Imatrix) -> None:
             continue
         ne0, _, ne2 = _shape3(t)
         if e.in_sum2.size != ne0 * ne2:
-            raise LlqxError(f"imatrix does not fit this model: {name} has {e.in_sum2.size} values, the model's "
-                            f"tensor needs {ne0 * ne2} (an imatrix of another model?)")
+            raise LlqxError(
+                f"imatrix does not fit this model: {name} has {e.in_sum2.size} values, the model's "
+                f"tensor needs {ne0 * ne2} (an imatrix of another model?)"
+            )
         matched += 1
     if matched == 0:
         raise LlqxError("imatrix has no entry for any tensor of this model: it was made for another model")
@@ -205,8 +263,12 @@ class Scores:
     meta_size: int
     has_activations: bool
 
-    def pins(self, tensor_types: Iterable[tuple[str, str | int]] = (), output_tensor_type: str | int | None = None,
-             token_embedding_type: str | int | None = None) -> dict[str, int]:
+    def pins(
+        self,
+        tensor_types: Iterable[tuple[str, str | int]] = (),
+        output_tensor_type: str | int | None = None,
+        token_embedding_type: str | int | None = None,
+    ) -> dict[str, int]:
         """Types fixed by the user, resolved per tensor as llama.cpp would (first matching pattern wins)."""
         patterns = [(re.compile(p.lower()), ggml_type(tt).id) for p, tt in tensor_types]
         out: dict[str, int] = {}
@@ -214,8 +276,11 @@ class Scores:
             t = self.model.tensor(name)
             chosen: int | None = None
             named = next((tt for rx, tt in patterns if rx.search(name)), None)
-            if token_embedding_type is not None and name in _TOKEN_EMBD and not (
-                    name == "per_layer_token_embd.weight" and named is not None):
+            if (
+                token_embedding_type is not None
+                and name in _TOKEN_EMBD
+                and not (name == "per_layer_token_embd.weight" and named is not None)
+            ):
                 chosen = ggml_type(token_embedding_type).id
             elif output_tensor_type is not None and name == "output.weight":
                 chosen = ggml_type(output_tensor_type).id
@@ -232,10 +297,16 @@ class Scores:
             out[name] = chosen
         return out
 
-    def plan(self, target_bpw: float | None = None, target_size: int | None = None, *,
-             tensor_types: Iterable[tuple[str, str | int]] = (), output_tensor_type: str | int | None = None,
-             token_embedding_type: str | int | None = None) -> Plan:
-        """The lowest-error mix at or below target_bpw (llama.cpp's BPW) or target_size (whole file, bytes)."""
+    def plan(
+        self,
+        target_bpw: float | None = None,
+        target_size: int | None = None,
+        *,
+        tensor_types: Iterable[tuple[str, str | int]] = (),
+        output_tensor_type: str | int | None = None,
+        token_embedding_type: str | int | None = None,
+    ) -> Plan:
+        """The lowest-error mix at or below target_bpw (llama.cpp's BPW) or target_size (whole file)."""
         if (target_bpw is None) == (target_size is None):
             raise LlqxError("give exactly one of target_bpw and target_size")
         pins = self.pins(tensor_types, output_tensor_type, token_embedding_type)
@@ -249,8 +320,11 @@ class Scores:
         fixed = 0
         raw_fixed = 0
         for t in info.tensors:
-            nb = t.nbytes if t.name not in self.curves else (
-                tensor_nbytes(pins[t.name], t) if t.name in pins else 0)
+            nb = (
+                t.nbytes
+                if t.name not in self.curves
+                else (tensor_nbytes(pins[t.name], t) if t.name in pins else 0)
+            )
             if t.name not in self.curves or t.name in pins:
                 fixed += cost(nb)
                 raw_fixed += nb
@@ -278,19 +352,23 @@ class Scores:
             target_text = f"{target_bpw} bpw"
         rng = f"achievable: {show(lo)} to {show(hi)}"
         if pins and fixed > budget_total:
-            raise LlqxError(f"the pinned tensors and the tensors llama.cpp keeps take {show(fixed)} alone, more than "
-                            f"the target {target_text} ({rng})")
+            raise LlqxError(
+                f"the pinned tensors and the tensors llama.cpp keeps take {show(fixed)} alone, more than "
+                f"the target {target_text} ({rng})"
+            )
         if budget_total < lo:
             raise LlqxError(f"target {target_text} is below the smallest achievable mix ({rng})")
         if budget_total > hi:
             raise LlqxError(f"target {target_text} is above the largest achievable mix ({rng})")
 
-        curves = [(np.array([cost(b) for b in c.nbytes], dtype=np.float64), np.array(c.errors, dtype=np.float64))
-                  for c in free]
+        curves = [
+            (np.array([cost(b) for b in c.nbytes], dtype=np.float64), np.array(c.errors, dtype=np.float64))
+            for c in free
+        ]
         # bytes that may stay unspent rather than bought with a worse error: a fraction of the tolerance
         slack = n_elements * 0.0005 / 8 if not by_size else int(target_size or 0) * 0.0002
         chosen = allocate(curves, budget_total - fixed, slack)
-        pick = {c.name: i for c, i in zip(free, chosen)}
+        pick = {c.name: i for c, i in zip(free, chosen, strict=True)}
 
         tensors: list[PlanTensor] = []
         for t in info.tensors:
@@ -303,11 +381,20 @@ class Scores:
                 tensors.append(PlanTensor(t.name, tid, tensor_nbytes(tid, t), t.n_elements, err, "pinned"))
             else:
                 i = pick[t.name]
-                tensors.append(PlanTensor(t.name, c.types[i], c.nbytes[i], t.n_elements, c.errors[i], "optimized"))
+                tensors.append(
+                    PlanTensor(t.name, c.types[i], c.nbytes[i], t.n_elements, c.errors[i], "optimized")
+                )
         requantize = any(ggml_type(t.type).is_quantized for t in info.tensors if t.name in self.curves)
-        plan = Plan(info.path, tensors, self.meta_size, self.imatrix_label, target_bpw,
-                    None if target_size is None else int(target_size), requantize,
-                    (8.0 * raw_lo / n_elements, 8.0 * raw_hi / n_elements))
+        plan = Plan(
+            info.path,
+            tensors,
+            self.meta_size,
+            self.imatrix_label,
+            target_bpw,
+            None if target_size is None else int(target_size),
+            requantize,
+            (8.0 * raw_lo / n_elements, 8.0 * raw_hi / n_elements),
+        )
         if not by_size:
             assert target_bpw is not None
             if plan.tensor_bytes > budget_total:
@@ -336,8 +423,9 @@ def score(
 
     ``imatrix``: a path or Imatrix; without one the error is plain relative MSE and the IQ types that
     need importance data are left out. ``sample_elements`` fixes the sampled elements per tensor
-    (default: a 1/32 slice of each tensor, 32 K to 256 K elements). ``state``: a state file to resume from and save to (scoring is
-    saved there on Ctrl+C, and a later call with the same model and imatrix skips scoring).
+    (default: a 1/32 slice of each tensor, 32 K to 256 K elements). ``state``: a state file to resume
+    from and save to (scoring is saved there on Ctrl+C, and a later call with the same model and
+    imatrix skips scoring).
     """
     info = inspect(model)
     im: Imatrix | None
@@ -351,7 +439,9 @@ def score(
     if im is not None:
         _check_imatrix(info, im)
         if not im.has_activations:
-            log.warning("the imatrix has no activation sums (in_sum): scoring without the mean-activation term")
+            log.warning(
+                "the imatrix has no activation sums (in_sum): scoring without the mean-activation term"
+            )
     arch = info.architecture
     quantizable = [t for t in info.tensors if tensor_is_quantizable(t.name, len(t.shape), arch)]
     for t in quantizable:
@@ -364,12 +454,21 @@ def score(
         "imatrix": _imatrix_hash(im, quantizable),
         "candidates": {n: [ggml_type(x).name for x in c] for n, c in cands.items()},
         "scoring": SCORING_VERSION,
-        "sampling": {"elements": sample_elements, "fraction": SAMPLE_FRACTION, "floor": SAMPLE_FLOOR,
-                     "cap": SAMPLE_CAP, "min_rows": MIN_ROWS, "trim": TRIM},
+        "sampling": {
+            "elements": sample_elements,
+            "fraction": SAMPLE_FRACTION,
+            "floor": SAMPLE_FLOOR,
+            "cap": SAMPLE_CAP,
+            "min_rows": MIN_ROWS,
+            "trim": TRIM,
+        },
     }
     st = load_state(None if state is None else Path(state), key)
-    todo = [t for t in quantizable if t.name not in st.tensors
-            or st.tensors[t.name].types != key["candidates"][t.name]]
+    todo = [
+        t
+        for t in quantizable
+        if t.name not in st.tensors or st.tensors[t.name].types != key["candidates"][t.name]
+    ]
     if todo:
         _run_scoring(info, im, todo, cands, st, nthread, sample_elements, progress)
 
@@ -377,27 +476,44 @@ def score(
     for t in quantizable:
         s = st.tensors[t.name]
         types = cands[t.name]
-        curves[t.name] = TensorCurve(t.name, t.n_elements, types, [tensor_nbytes(x, t) for x in types],
-                                     list(s.errors))
+        curves[t.name] = TensorCurve(
+            t.name, t.n_elements, types, [tensor_nbytes(x, t) for x in types], list(s.errors)
+        )
     kvs = [] if im is None else imatrix_kv_overrides(select_imatrix(im), label or "")
     meta = int(_core.layout_meta_size(info.path, kvs, 7))
     return Scores(info, curves, label, meta, im is not None and im.has_activations)
 
 
-def _run_scoring(info: ModelInfo, im: Imatrix | None, todo: list[TensorInfo], cands: dict[str, list[int]],
-                 st: ScoreState, nthread: int, sample_elements: int | None, progress: bool) -> None:
+def _run_scoring(
+    info: ModelInfo,
+    im: Imatrix | None,
+    todo: list[TensorInfo],
+    cands: dict[str, list[int]],
+    st: ScoreState,
+    nthread: int,
+    sample_elements: int | None,
+    progress: bool,
+) -> None:
     jobs = []
     for t in todo:
         ne0, ne1, ne2 = _shape3(t)
         w, a = _importance(im, t)
-        job: dict[str, object] = {"name": t.name, "src_type": t.type, "ne": [ne0, ne1, ne2], "offset": t.offset,
-                                  "candidates": cands[t.name]}
+        job: dict[str, object] = {
+            "name": t.name,
+            "src_type": t.type,
+            "ne": [ne0, ne1, ne2],
+            "offset": t.offset,
+            "candidates": cands[t.name],
+        }
         if w is not None:
             job["weights"] = w
         if a is not None:
             job["activations"] = a
-        n_sample = sample_elements if sample_elements is not None else int(
-            max(SAMPLE_FLOOR, min(SAMPLE_CAP, t.n_elements * SAMPLE_FRACTION)))
+        n_sample = (
+            sample_elements
+            if sample_elements is not None
+            else int(max(SAMPLE_FLOOR, min(SAMPLE_CAP, t.n_elements * SAMPLE_FRACTION)))
+        )
         job["sample_elements"] = max(1, min(n_sample, t.n_elements))
         jobs.append(job)
     nthread = nthread if nthread > 0 else (os.cpu_count() or 1)
@@ -406,19 +522,35 @@ def _run_scoring(info: ModelInfo, im: Imatrix | None, todo: list[TensorInfo], ca
     bar = None
     task = None
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
-                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[name]}"),
-                       console=_progress_console(), transient=True)
+        bar = Progress(
+            TextColumn("scoring"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tensors"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[name]}"),
+            console=_progress_console(),
+            transient=True,
+        )
         task = bar.add_task("scoring", total=len(jobs), name="")
         bar.start()
 
     def on_done(j: int, errors: np.ndarray, rows: int) -> bool:
         t = todo[j]
-        st.tensors[t.name] = TensorScore([ggml_type(x).name for x in cands[t.name]], [float(e) for e in errors],
-                                         int(rows))
+        st.tensors[t.name] = TensorScore(
+            [ggml_type(x).name for x in cands[t.name]], [float(e) for e in errors], int(rows)
+        )
         if bar is not None and task is not None:
             bar.update(task, advance=1, name=t.name)
         now = time.monotonic()
@@ -431,8 +563,16 @@ def _run_scoring(info: ModelInfo, im: Imatrix | None, todo: list[TensorInfo], ca
 
     def run() -> None:
         try:
-            _core.score_run(info.path, jobs, nthread=nthread, sample_elements=SAMPLE_CAP, min_rows=MIN_ROWS,
-                            trim=TRIM, callback=on_done, cancel=cancel)
+            _core.score_run(
+                info.path,
+                jobs,
+                nthread=nthread,
+                sample_elements=SAMPLE_CAP,
+                min_rows=MIN_ROWS,
+                trim=TRIM,
+                callback=on_done,
+                cancel=cancel,
+            )
         except BaseException as exc:  # re-raised in the caller's thread
             failure.append(exc)
 

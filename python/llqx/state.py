@@ -37,11 +37,17 @@ class ScoreState:
     tensors: dict[str, TensorScore] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps({
-            "format": STATE_FORMAT,
-            "key": self.key,
-            "tensors": {n: {"types": t.types, "errors": t.errors, "rows": t.rows} for n, t in self.tensors.items()},
-        }, indent=0, sort_keys=True)
+        return json.dumps(
+            {
+                "format": STATE_FORMAT,
+                "key": self.key,
+                "tensors": {
+                    n: {"types": t.types, "errors": t.errors, "rows": t.rows} for n, t in self.tensors.items()
+                },
+            },
+            indent=0,
+            sort_keys=True,
+        )
 
     def save(self) -> None:
         """Atomic write beside the target; a failure to write is reported, never fatal."""
@@ -49,7 +55,9 @@ class ScoreState:
             return
         path = self.path
         try:
-            fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent or Path("."))
+            fd, tmp = tempfile.mkstemp(
+                prefix="." + path.name + ".", suffix=".tmp", dir=path.parent or Path(".")
+            )
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(self.to_json())
@@ -62,8 +70,13 @@ class ScoreState:
 
 
 def _describe_mismatch(found: dict[str, Any], want: dict[str, Any]) -> str:
-    what = {"model": "another model", "imatrix": "another imatrix", "candidates": "other candidate types",
-            "scoring": "another scoring version", "sampling": "other sampling settings"}
+    what = {
+        "model": "another model",
+        "imatrix": "another imatrix",
+        "candidates": "other candidate types",
+        "scoring": "another scoring version",
+        "sampling": "other sampling settings",
+    }
     diffs = [what.get(k, k) for k in want if found.get(k) != want.get(k)]
     return ", ".join(diffs) if diffs else "different settings"
 

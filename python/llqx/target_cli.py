@@ -24,7 +24,9 @@ def parse_size(text: str) -> int:
     """'1.5G' = 1.5 GiB, '800M', '123456' (bytes); K/M/G/T are powers of 1024 (KiB/KB/K all alike)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise LlqxError(f"invalid size '{text}': use a number with an optional unit B, K, M, G or T (e.g. 1.5G)")
+        raise LlqxError(
+            f"invalid size '{text}': use a number with an optional unit B, K, M, G or T (e.g. 1.5G)"
+        )
     from fractions import Fraction
 
     size = int(Fraction(m.group(1)) * _UNITS[m.group(2).upper()])
@@ -36,15 +38,35 @@ def parse_size(text: str) -> int:
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     """The target-mode options (the drop-in CLI adds the llama-quantize ones)."""
     g = parser.add_argument_group("target size (llqx)")
-    g.add_argument("--target-bpw", type=float, default=None, metavar="X",
-                   help="lowest-error mix at or below X bits per weight (llama.cpp's BPW over all tensors)")
-    g.add_argument("--target-size", default=None, metavar="N",
-                   help="lowest-error mix whose whole file is at most N bytes (units B, K, M, G, T: powers of 1024)")
-    g.add_argument("--state-file", nargs="?", const=True, default=None, metavar="PATH",
-                   help="keep the scoring here (default <model>.llqx-state): resumes after Ctrl+C, serves other targets")
+    g.add_argument(
+        "--target-bpw",
+        type=float,
+        default=None,
+        metavar="X",
+        help="lowest-error mix at or below X bits per weight (llama.cpp's BPW over all tensors)",
+    )
+    g.add_argument(
+        "--target-size",
+        default=None,
+        metavar="N",
+        help="lowest-error mix whose whole file is at most N bytes (units B, K, M, G, T: powers of 1024)",
+    )
+    g.add_argument(
+        "--state-file",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="keep the scoring here (default <model>.llqx-state): resumes after Ctrl+C, serves other targets",
+    )
     g.add_argument("--json", action="store_true", help="print the plan (and result) as JSON")
-    g.add_argument("--score-elements", type=int, default=None, metavar="N",
-                   help="elements sampled per tensor when scoring (default: 1/32 of it, 32K to 256K)")
+    g.add_argument(
+        "--score-elements",
+        type=int,
+        default=None,
+        metavar="N",
+        help="elements sampled per tensor when scoring (default: 1/32 of it, 32K to 256K)",
+    )
 
 
 def _pins(args: Any) -> list[tuple[str, str]]:
@@ -90,8 +112,13 @@ def print_plan(plan: Plan, console: Any) -> None:
     t.add_column("error", justify="right")
     t.add_column("", style="dim")
     for x in plan.tensors:
-        t.add_row(x.name, x.type_name.upper(), f"{x.bpw:.3f}", "" if x.error is None else f"{x.error:.4g}",
-                  "" if x.status == "optimized" else x.status)
+        t.add_row(
+            x.name,
+            x.type_name.upper(),
+            f"{x.bpw:.3f}",
+            "" if x.error is None else f"{x.error:.4g}",
+            "" if x.status == "optimized" else x.status,
+        )
     console.print(t)
     lt = Table(title="per layer")
     lt.add_column("layer")
@@ -101,8 +128,10 @@ def print_plan(plan: Plan, console: Any) -> None:
         lt.add_row(k, f"{8.0 * b / max(n, 1):.3f}", f"{b / 2**20:.2f}")
     console.print(lt)
     lo, hi = plan.achievable
-    console.print(f"total: {plan.bpw:.4f} bpw ({plan.tensor_bytes:,} tensor bytes, {plan.n_elements:,} weights), "
-                  f"file {plan.file_size:,} bytes; achievable {lo:.4f} to {hi:.4f} bpw; summed error {plan.error:.4g}")
+    console.print(
+        f"total: {plan.bpw:.4f} bpw ({plan.tensor_bytes:,} tensor bytes, {plan.n_elements:,} weights), "
+        f"file {plan.file_size:,} bytes; achievable {lo:.4f} to {hi:.4f} bpw; summed error {plan.error:.4g}"
+    )
 
 
 def run_target(args: Any) -> int:
@@ -120,9 +149,11 @@ def run_target(args: Any) -> int:
         raise LlqxError(f"invalid --target-bpw {args.target_bpw}")
     target_size = parse_size(str(args.target_size)) if args.target_size is not None else None
     if not getattr(args, "imatrix", None):
-        raise LlqxError("--target-bpw/--target-size need an importance matrix (--imatrix FILE, e.g. from "
-                        "`llqx imatrix`): the error of each candidate type is weighted by how much each input "
-                        "channel matters, and the low-bit IQ types cannot be written without one")
+        raise LlqxError(
+            "--target-bpw/--target-size need an importance matrix (--imatrix FILE, e.g. from "
+            "`llqx imatrix`): the error of each candidate type is weighted by how much each input "
+            "channel matters, and the low-bit IQ types cannot be written without one"
+        )
     inp = Path(args.input)
     if not inp.is_file():
         raise LlqxError(f"input model not found: {inp}")
@@ -139,11 +170,21 @@ def run_target(args: Any) -> int:
     nthread = int(getattr(args, "nthreads", None) or getattr(args, "nthread", None) or 0)
     console = Console(stderr=as_json)
 
-    scores = score(inp, args.imatrix, state=_state_path(args), nthread=nthread,
-                   sample_elements=getattr(args, "score_elements", None), progress=not (quiet or as_json))
-    plan = scores.plan(target_bpw=args.target_bpw, target_size=target_size, tensor_types=pins,
-                       output_tensor_type=getattr(args, "output_tensor_type", None),
-                       token_embedding_type=getattr(args, "token_embedding_type", None))
+    scores = score(
+        inp,
+        args.imatrix,
+        state=_state_path(args),
+        nthread=nthread,
+        sample_elements=getattr(args, "score_elements", None),
+        progress=not (quiet or as_json),
+    )
+    plan = scores.plan(
+        target_bpw=args.target_bpw,
+        target_size=target_size,
+        tensor_types=pins,
+        output_tensor_type=getattr(args, "output_tensor_type", None),
+        token_embedding_type=getattr(args, "token_embedding_type", None),
+    )
     doc: dict[str, Any] = plan.to_dict()
     if getattr(args, "dry_run", False):
         if as_json:
