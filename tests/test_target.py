@@ -224,7 +224,7 @@ def test_bpw_sweep_lands_on_target(which: str, smol_scores: llqx.Scores, moe_sco
     scores = smol_scores if which == "smol" else moe_scores
     lo, hi = _range(scores)
     assert 3.5 < lo < 5.0  # 576-wide tensors fall back to legacy types
-    assert 15.9 < hi <= 16.01
+    assert 15.9 < hi <= 16.1  # F16 everywhere (+ the MoE's F32 router)
     # feasible: near the all-F16 corner the nearest mixes lie apart (one F16 -> Q8_0 step of the
     # smallest tensor is ~0.006 bpw here), so the sweep stops 0.1 bpw below the maximum
     for target in np.round(np.linspace(lo + 0.0001, hi - 0.1, 25), 4):

@@ -232,8 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 1
     except KeyboardInterrupt:
+        # the state file is saved; leave at once: the interpreter's teardown after an interrupted
+        # scoring pass can abort in native code (seen with CPython 3.11), which would lose exit code 130
         err_console.print("[bold red]interrupted[/]")
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":
