@@ -9,7 +9,9 @@ namespace py = pybind11;
 
 void bind_eval(py::module_ & m);
 void bind_imatrix(py::module_ & m);
+void bind_layout(py::module_ & m);
 void bind_log(py::module_ & m);
 void bind_model(py::module_ & m);
 void bind_quantize(py::module_ & m);
+void bind_score(py::module_ & m);
 void bind_types(py::module_ & m);

@@ -8,7 +8,9 @@ from .evaluate import EvalResult, evaluate
 from .imatrix import Imatrix, ImatrixEntry
 from .imatrix_collect import collect_imatrix
 from .model import ModelInfo, TensorInfo, inspect
+from .plan import Plan, PlanTensor
 from .quantize import quantize
+from .scoring import Scores, score
 from .types import FILE_TYPES, FileType, GGMLType, file_type, ggml_type, ggml_types
 
 _log.install()
@@ -24,6 +26,9 @@ __all__ = [
     "ImatrixEntry",
     "LlqxError",
     "ModelInfo",
+    "Plan",
+    "PlanTensor",
+    "Scores",
     "TensorInfo",
     "__version__",
     "collect_imatrix",
@@ -33,4 +38,5 @@ __all__ = [
     "ggml_types",
     "inspect",
     "quantize",
+    "score",
 ]

@@ -1,6 +1,6 @@
 """Type stubs for llqx._core, the C++ core on llama.cpp's public API."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -106,3 +106,24 @@ class ImatrixCollector:
     def cancel(self) -> None: ...
     def entries(self) -> dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float64],
                                          npt.NDArray[np.int64]]]: ...
+
+# ---- layout (bind_layout.cpp) ----
+def layout_meta_size(path: str, kv_overrides: Sequence[KvOverride], ftype: int = 7) -> int: ...
+
+# ---- score (bind_score.cpp) ----
+class ScoreCancel:
+    def __init__(self) -> None: ...
+    def set(self) -> None: ...
+    def is_set(self) -> bool: ...
+
+def score_sample_rows(name: str, expert: int, n_rows: int, n_sample: int) -> list[int]: ...
+def score_run(
+    path: str,
+    jobs: list[dict[str, Any]],
+    nthread: int = 1,
+    sample_elements: int = 1048576,
+    min_rows: int = 16,
+    trim: float = 0.02,
+    callback: Callable[[int, npt.NDArray[np.float64], int], bool | None] | None = None,
+    cancel: ScoreCancel | None = None,
+) -> tuple[bool, list[npt.NDArray[np.float64] | None]]: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +22,9 @@ from .errors import LlqxError
 from .imatrix import Imatrix
 from .model import ModelInfo, inspect
 from .types import FileType, c_stoi, file_type, ggml_type
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
@@ -94,6 +99,19 @@ def select_imatrix(imatrix: Imatrix, include: Sequence[str] = (),
     if include:
         weights = {k: v for k, v in weights.items() if any(x in k for x in include)}
     return ImatrixSelection(dict(weights), list(imatrix.datasets), imatrix.chunk_count)
+
+
+def imatrix_kv_overrides(sel: ImatrixSelection, label: str) -> list[_core.KvOverride]:
+    """The metadata llama-quantize records about the imatrix it used (none when no weights are left)."""
+    if not sel.weights:
+        return []
+    out = [_kv(KEY_IMATRIX_FILE, label)]
+    if sel.datasets:
+        out.append(_kv(KEY_IMATRIX_DATASET, sel.datasets[0]))
+    out.append(_kv(KEY_IMATRIX_N_ENTRIES, len(sel.weights)))
+    if sel.chunk_count > 0:
+        out.append(_kv(KEY_IMATRIX_N_CHUNKS, sel.chunk_count))
+    return out
 
 
 def _resolve_ftype(ftype: str | int | FileType) -> FileType:
@@ -250,6 +268,7 @@ def quantize(
     max_buffer_size_mib: int = 0,
     check_imatrix: bool = True,
     on_start: Callable[[], None] | None = None,
+    plan: Plan | None = None,
 ) -> Path | None:
     """Quantize a GGUF model with llama.cpp, as llama-quantize would with the same options.
 
@@ -262,6 +281,8 @@ def quantize(
     error or Ctrl+C never leaves a partial file. Returns the output path (None for a dry run;
     the first split with ``keep_split``). The llama.cpp log goes to the ``llqx.llama`` logger.
     ``on_start`` is called once every check has passed, right before llama.cpp starts.
+    With ``plan`` (from ``llqx.score(...).plan(...)``) every tensor gets its planned type (ftype is
+    ignored) and the written file is checked against the plan before it is renamed into place.
     """
     ft = _resolve_ftype(ftype)
     if include_weights and exclude_weights:
@@ -309,6 +330,17 @@ def quantize(
         req.add_tensor_override(pattern, tid)
 
     kv_overrides = [parse_kv_override(s) for s in override_kv]
+    if plan is not None:
+        # one anchored override per tensor on a pure Q8_0 base: llama.cpp writes exactly the plan
+        req.ftype = file_type("Q8_0").ftype  # type: ignore[union-attr]
+        req.pure = True
+        req.allow_requantize = req.allow_requantize or plan.requantize
+        for pattern, tt in plan.overrides():
+            req.add_tensor_override(pattern, tt)
+        if imatrix_label is None:
+            imatrix_label = plan.imatrix_label
+        if imatrix is None and plan.imatrix_label is not None:
+            raise LlqxError("this plan was made with an imatrix: pass the same imatrix to quantize()")
     if imatrix is not None:
         im = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
         label = imatrix_label if imatrix_label is not None else (
@@ -320,17 +352,26 @@ def quantize(
             if not im.entries:
                 raise LlqxError(f"imatrix {label} holds no entries")
             check_imatrix_fits(ImatrixSelection(im.quantize_weights()), info, label)
-        if sel.weights:
-            for name, values in sel.weights.items():
-                req.add_imatrix(name, values)
-            kv_overrides.append(_kv(KEY_IMATRIX_FILE, label))
-            if sel.datasets:
-                kv_overrides.append(_kv(KEY_IMATRIX_DATASET, sel.datasets[0]))
-            kv_overrides.append(_kv(KEY_IMATRIX_N_ENTRIES, len(sel.weights)))
-            if sel.chunk_count > 0:
-                kv_overrides.append(_kv(KEY_IMATRIX_N_CHUNKS, sel.chunk_count))
+        for name, values in sel.weights.items():
+            req.add_imatrix(name, values)
+        kv_overrides.extend(imatrix_kv_overrides(sel, label))
     req.kv_overrides = kv_overrides
 
+    if plan is not None:
+        # the plan's one override per tensor is intended: keep llama.cpp from warning about each
+        _log.logger.addFilter(_drop_override_notes)
+    try:
+        return _run_to(req, out, plan, on_start, keep_split)
+    finally:
+        _log.logger.removeFilter(_drop_override_notes)
+
+
+def _drop_override_notes(record: logging.LogRecord) -> bool:
+    return "applying manual override" not in record.getMessage()
+
+
+def _run_to(req: _core.QuantizeRequest, out: Path | None, plan: Plan | None,
+            on_start: Callable[[], None] | None, keep_split: bool) -> Path | None:
     if out is None:
         req.output = ""
         if on_start is not None:
@@ -351,6 +392,8 @@ def quantize(
         produced = sorted(tmpdir.iterdir())
         if not produced:
             raise LlqxError(f"llama.cpp wrote no output for {out}")
+        if plan is not None:
+            plan.verify(tmpdir / out.name)
         for f in produced:
             os.replace(f, out.parent / f.name)
     finally:

@@ -1,0 +1,163 @@
+"""Speed and memory of `--target-bpw` against plain upstream llama-quantize Q4_K_M, same model and threads.
+
+One invocation measures, in this order and under /usr/bin/time -v:
+  1. upstream llama-quantize --imatrix IM MODEL out Q4_K_M T            (the baseline)
+  2. llqx target mode, cold (fresh state file), at the bpw upstream's Q4_K_M landed on
+  3. llqx target mode, warm (same state file: no scoring)
+and writes ratios (wall time and peak RSS, llqx ÷ upstream) to benchmarks/results/target_speed.json
+(merged by model name). Goals: cold ≤ 2.0, warm ≤ 1.1, RSS ≤ 1.25.
+
+    python benchmarks/target_speed.py --model M.gguf [--imatrix IM.gguf] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "python"))
+
+import llqx  # noqa: E402
+from llqx import data  # noqa: E402
+
+
+def tool(name: str) -> Path:
+    for c in (os.environ.get("LLQX_UPSTREAM_BIN", ""), str(REPO / "build" / "dev" / "bin")):
+        p = Path(c) / name
+        if c and p.is_file():
+            return p
+    raise SystemExit(f"upstream {name} not found (build/dev/bin or $LLQX_UPSTREAM_BIN)")
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one command, from /usr/bin/time -v."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            ["/usr/bin/time", "-v", "-o", tf.name, *cmd], env=env, capture_output=True, text=True
+        )
+        wall = time.monotonic() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        rss = int(
+            re.search(r"Maximum resident set size \(kbytes\): (\d+)", Path(tf.name).read_text()).group(1)
+        )
+    return wall, rss
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="F16 GGUF (default: the SmolLM2 fixture)")
+    ap.add_argument(
+        "--imatrix", type=Path, default=None, help="imatrix (default: made with llama-imatrix on c4)"
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "target_speed.json")
+    args = ap.parse_args()
+
+    model = args.model or data.smollm2_f16()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="llqx-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    imatrix = args.imatrix
+    if imatrix is None:
+        calib = work / "calib.txt"
+        calib.write_text(data.text("c4").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+        imatrix = work / "imatrix.gguf"
+        subprocess.run(
+            [
+                str(tool("llama-imatrix")),
+                "-m",
+                str(model),
+                "-f",
+                str(calib),
+                "-c",
+                "256",
+                "--chunks",
+                "4",
+                "-t",
+                str(args.threads),
+                "-o",
+                str(imatrix),
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    up_out = work / "upstream-q4_k_m.gguf"
+    up_wall, up_rss = timed(
+        [
+            str(tool("llama-quantize")),
+            "--imatrix",
+            str(imatrix),
+            str(model),
+            str(up_out),
+            "Q4_K_M",
+            str(args.threads),
+        ]
+    )
+    target = round(llqx.inspect(up_out).bpw, 4)
+    up_out.unlink()
+
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])
+    )
+    state = work / "bench.llqx-state"
+    state.unlink(missing_ok=True)
+    out = work / "llqx-target.gguf"
+    cmd = [
+        sys.executable,
+        "-m",
+        "llqx.target_cli",
+        str(model),
+        str(out),
+        "--imatrix",
+        str(imatrix),
+        "--target-bpw",
+        str(target),
+        "--nthreads",
+        str(args.threads),
+        "--state-file",
+        str(state),
+        "--quiet",
+    ]
+    cold_wall, cold_rss = timed(cmd, env)
+    got = llqx.inspect(out).bpw
+    out.unlink()
+    warm_wall, warm_rss = timed(cmd, env)
+    out.unlink()
+
+    row = {
+        "model": Path(model).name,
+        "threads": args.threads,
+        "target_bpw": target,
+        "achieved_bpw": got,
+        "upstream_q4_k_m": {"wall_s": round(up_wall, 2), "peak_rss_kib": up_rss},
+        "llqx_cold": {"wall_s": round(cold_wall, 2), "peak_rss_kib": cold_rss},
+        "llqx_warm": {"wall_s": round(warm_wall, 2), "peak_rss_kib": warm_rss},
+        "ratio_cold_time": round(cold_wall / up_wall, 3),
+        "ratio_warm_time": round(warm_wall / up_wall, 3),
+        "ratio_cold_rss": round(cold_rss / up_rss, 3),
+        "ratio_warm_rss": round(warm_rss / up_rss, 3),
+        "goals": {"cold_time": 2.0, "warm_time": 1.1, "rss": 1.25},
+        "load_average_1min": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    doc = json.loads(args.results.read_text(encoding="utf-8")) if args.results.exists() else {}
+    doc[row["model"]] = row
+    args.results.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(row, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

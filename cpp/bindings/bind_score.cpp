@@ -1,0 +1,130 @@
+#include "bindings.h"
+
+#include "llqx_score.h"
+
+#include <atomic>
+#include <exception>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+namespace {
+
+// a flag another Python thread sets to stop a running score pass (Ctrl+C)
+struct score_cancel {
+    std::atomic<bool> flag { false };
+};
+
+struct done_context {
+    py::object callback;
+    bool               raised = false;
+    std::exception_ptr error;
+};
+
+} // namespace
+
+static bool score_done(int32_t job, const double * errors, int32_t n_errors, int64_t n_rows, void * user_data) {
+    auto * ctx = (done_context *) user_data;
+    py::gil_scoped_acquire acquire;
+    if (ctx->raised) {
+        return false;
+    }
+    try {
+        py::array_t<double> arr(n_errors);
+        std::copy(errors, errors + n_errors, arr.mutable_data());
+        py::object keep = ctx->callback(job, arr, n_rows);
+        return keep.is_none() || keep.cast<bool>();
+    } catch (...) {
+        ctx->raised = true;
+        ctx->error  = std::current_exception();
+        return false;
+    }
+}
+
+static std::vector<float> float_vector(py::object obj, const char * what, const std::string & name) {
+    if (obj.is_none()) {
+        return {};
+    }
+    auto arr = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(obj);
+    if (!arr) {
+        throw std::invalid_argument(std::string(what) + " of " + name + " must be a float array");
+    }
+    return std::vector<float>(arr.data(), arr.data() + arr.size());
+}
+
+static py::object score_run(const std::string & path, py::list jobs_in, int32_t nthread, int64_t sample_elements,
+                            int64_t min_rows, double trim, py::object callback, std::shared_ptr<score_cancel> cancel) {
+    std::vector<llqx_score_job> jobs;
+    jobs.reserve(jobs_in.size());
+    for (py::handle h : jobs_in) {
+        py::dict d = py::reinterpret_borrow<py::dict>(h);
+        llqx_score_job j;
+        j.name     = d["name"].cast<std::string>();
+        j.src_type = d["src_type"].cast<int32_t>();
+        auto ne    = d["ne"].cast<std::vector<int64_t>>();
+        if (ne.size() != 3) {
+            throw std::invalid_argument("ne of " + j.name + " must have 3 entries");
+        }
+        j.ne[0] = ne[0];
+        j.ne[1] = ne[1];
+        j.ne[2] = ne[2];
+        j.offset      = d["offset"].cast<uint64_t>();
+        j.candidates  = d["candidates"].cast<std::vector<int32_t>>();
+        j.weights     = float_vector(d.contains("weights") ? py::object(d["weights"]) : py::object(py::none()), "weights", j.name);
+        j.activations = float_vector(d.contains("activations") ? py::object(d["activations"]) : py::object(py::none()), "activations", j.name);
+        j.sample_elements = d.contains("sample_elements") ? d["sample_elements"].cast<int64_t>() : 0;
+        jobs.push_back(std::move(j));
+    }
+    llqx_score_params params;
+    params.nthread         = nthread;
+    params.sample_elements = sample_elements;
+    params.min_rows        = min_rows;
+    params.trim            = trim;
+
+    done_context ctx;
+    ctx.callback = callback;
+    std::vector<std::vector<double>> errors;
+    std::string err;
+    int32_t rc = -1;
+    {
+        py::gil_scoped_release release;
+        rc = llqx_score_run(path, jobs, params, errors, callback.is_none() ? nullptr : score_done, &ctx,
+                            cancel ? &cancel->flag : nullptr, err);
+    }
+    if (ctx.raised) {
+        std::rethrow_exception(ctx.error);
+    }
+    if (rc < 0) {
+        throw std::invalid_argument(err);
+    }
+    py::list out;
+    for (const auto & e : errors) {
+        if (e.empty()) {
+            out.append(py::none());
+        } else {
+            py::array_t<double> arr((py::ssize_t) e.size());
+            std::copy(e.begin(), e.end(), arr.mutable_data());
+            out.append(arr);
+        }
+    }
+    return py::make_tuple(rc == 1, out);
+}
+
+void bind_score(py::module_ & m) {
+    py::class_<score_cancel, std::shared_ptr<score_cancel>>(m, "ScoreCancel", "set() stops a running score_run")
+        .def(py::init<>())
+        .def("set", [](score_cancel & c) { c.flag = true; })
+        .def("is_set", [](const score_cancel & c) { return c.flag.load(); });
+    m.def("score_sample_rows", [](const std::string & name, int32_t expert, int64_t n_rows, int64_t n_sample) {
+        std::vector<int64_t> rows;
+        llqx_score_sample_rows(name, expert, n_rows, n_sample, rows);
+        return rows;
+    }, py::arg("name"), py::arg("expert"), py::arg("n_rows"), py::arg("n_sample"),
+       "the rows the scorer samples from one expert slice");
+    m.def("score_run", &score_run, py::arg("path"), py::arg("jobs"), py::arg("nthread") = 1,
+          py::arg("sample_elements") = 1 << 20, py::arg("min_rows") = 16, py::arg("trim") = 0.02,
+          py::arg("callback") = py::none(), py::arg("cancel") = nullptr,
+          "score tensors of a GGUF: jobs are dicts (name, src_type, ne[3], offset, candidates, weights, "
+          "activations, sample_elements); callback(job, errors, n_rows) -> bool runs as each finishes. Returns "
+          "(complete, [errors or None per job]).");
+}

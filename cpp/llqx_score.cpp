@@ -1,0 +1,364 @@
+#include "llqx_score.h"
+
+#include "ggml.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+// rows of one work item: a block never crosses an expert boundary
+static const int64_t LLQX_SCORE_BLOCK_ELEMENTS = 32 * 1024;
+
+static uint64_t splitmix64(uint64_t & state) {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static uint64_t name_hash(const std::string & name, int32_t expert) {
+    uint64_t h = 0xcbf29ce484222325ULL; // FNV-1a
+    for (unsigned char c : name) {
+        h = (h ^ c) * 0x100000001b3ULL;
+    }
+    return h ^ ((uint64_t) (uint32_t) expert * 0x9e3779b97f4a7c15ULL);
+}
+
+void llqx_score_sample_rows(const std::string & name, int32_t expert, int64_t n_rows, int64_t n_sample,
+                            std::vector<int64_t> & rows) {
+    rows.clear();
+    if (n_rows <= 0 || n_sample <= 0) {
+        return;
+    }
+    if (n_sample >= n_rows) {
+        rows.resize((size_t) n_rows);
+        for (int64_t i = 0; i < n_rows; ++i) {
+            rows[(size_t) i] = i;
+        }
+        return;
+    }
+    // strided with a random phase: even coverage of the slice, no clustering
+    uint64_t state = name_hash(name, expert);
+    const double stride = (double) n_rows / (double) n_sample;
+    const double phase  = (double) (splitmix64(state) >> 11) * (1.0 / 9007199254740992.0) * stride;
+    rows.reserve((size_t) n_sample);
+    for (int64_t i = 0; i < n_sample; ++i) {
+        int64_t r = (int64_t) std::floor(phase + (double) i * stride);
+        rows.push_back(std::min(r, n_rows - 1));
+    }
+}
+
+namespace {
+
+struct score_block {
+    int32_t expert;
+    int64_t first; // index into the tensor's sampled rows
+    int64_t count;
+};
+
+struct score_item {
+    int32_t job;
+    int32_t cand;
+    int32_t block;
+};
+
+struct score_tensor {
+    std::vector<int64_t>     rows;    // sampled rows, global (expert * ne1 + row)
+    std::vector<int64_t>     expert_first; // ne2 + 1 offsets into rows
+    std::vector<score_block> blocks;
+    std::mutex               mutex;
+    bool                     loaded = false;
+    bool                     failed = false;
+    std::vector<float>       data;    // sampled rows as F32
+    std::vector<double>      row_err; // n_cand * rows.size()
+    int64_t                  remaining = 0;
+};
+
+struct mapped_file {
+    void * addr = MAP_FAILED;
+    size_t size = 0;
+    ~mapped_file() {
+        if (addr != MAP_FAILED) {
+            munmap(addr, size);
+        }
+    }
+};
+
+} // namespace
+
+static double trimmed_mean(std::vector<double> & v, double trim) {
+    if (v.empty()) {
+        return 0.0;
+    }
+    std::sort(v.begin(), v.end());
+    const size_t k = (size_t) std::floor(trim * (double) v.size());
+    const size_t lo = k;
+    const size_t hi = v.size() - k;
+    double sum = 0.0;
+    for (size_t i = lo; i < hi; ++i) {
+        sum += v[i];
+    }
+    return sum / (double) (hi - lo);
+}
+
+int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_job> & jobs,
+                       const llqx_score_params & params, std::vector<std::vector<double>> & errors,
+                       llqx_score_done_t done, void * user_data, const std::atomic<bool> * cancel,
+                       std::string & err) {
+    errors.assign(jobs.size(), {});
+
+    // validate everything before any work starts
+    size_t max_qrow = 0;
+    int64_t max_ne0 = 0;
+    int64_t max_block_rows = 1;
+    for (const auto & j : jobs) {
+        const int64_t ne0 = j.ne[0];
+        if (ne0 <= 0 || j.ne[1] <= 0 || j.ne[2] <= 0) {
+            err = "invalid shape for " + j.name;
+            return -1;
+        }
+        if (j.src_type < 0 || j.src_type >= GGML_TYPE_COUNT) {
+            err = "invalid source type for " + j.name;
+            return -1;
+        }
+        const ggml_type_traits * st = ggml_get_type_traits((ggml_type) j.src_type);
+        if (j.src_type != GGML_TYPE_F32 && st->to_float == nullptr) {
+            err = std::string("cannot read ") + j.name + " of type " + ggml_type_name((ggml_type) j.src_type);
+            return -1;
+        }
+        if (ne0 % ggml_blck_size((ggml_type) j.src_type) != 0) {
+            err = "row length does not fit the source type of " + j.name;
+            return -1;
+        }
+        const size_t nw = (size_t) (j.ne[0] * j.ne[2]);
+        if ((!j.weights.empty() && j.weights.size() != nw) || (!j.activations.empty() && j.activations.size() != nw)) {
+            err = "importance data of " + j.name + " does not match its shape";
+            return -1;
+        }
+        for (int32_t t : j.candidates) {
+            if (t < 0 || t >= GGML_TYPE_COUNT || ggml_get_type_traits((ggml_type) t)->to_float == nullptr ||
+                ggml_blck_size((ggml_type) t) <= 0 || ne0 % ggml_blck_size((ggml_type) t) != 0) {
+                err = "candidate type " + std::to_string(t) + " cannot hold " + j.name;
+                return -1;
+            }
+            if (!ggml_is_quantized((ggml_type) t) && t != GGML_TYPE_F16 && t != GGML_TYPE_BF16 && t != GGML_TYPE_F32) {
+                err = "candidate type " + std::to_string(t) + " cannot be quantized to";
+                return -1;
+            }
+            if (j.weights.empty() && ggml_quantize_requires_imatrix((ggml_type) t)) {
+                err = std::string("candidate ") + ggml_type_name((ggml_type) t) + " of " + j.name + " needs importance data";
+                return -1;
+            }
+            max_qrow = std::max(max_qrow, ggml_row_size((ggml_type) t, ne0));
+        }
+        max_ne0 = std::max(max_ne0, ne0);
+        max_block_rows = std::max(max_block_rows, std::max<int64_t>(1, LLQX_SCORE_BLOCK_ELEMENTS / ne0));
+    }
+
+    const int fd = open(path.c_str(), O_RDONLY);
+    if (fd < 0) {
+        err = "cannot open " + path + ": " + std::strerror(errno);
+        return -1;
+    }
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        close(fd);
+        err = "cannot stat " + path;
+        return -1;
+    }
+    mapped_file mf;
+    mf.size = (size_t) sb.st_size;
+    mf.addr = mf.size > 0 ? mmap(nullptr, mf.size, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+    close(fd);
+    if (mf.addr == MAP_FAILED) {
+        err = "cannot map " + path;
+        return -1;
+    }
+    const uint8_t * base = (const uint8_t *) mf.addr;
+    // sampled rows are scattered: no readahead, and each tensor's pages are dropped once it is scored
+    madvise(mf.addr, mf.size, MADV_RANDOM);
+    const uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE);
+
+    // sampling plan and the flat, ordered list of work items
+    std::vector<std::unique_ptr<score_tensor>> tensors(jobs.size());
+    std::vector<score_item> items;
+    for (size_t ji = 0; ji < jobs.size(); ++ji) {
+        const auto & j = jobs[ji];
+        const size_t src_row = ggml_row_size((ggml_type) j.src_type, j.ne[0]);
+        if (j.offset + src_row * (uint64_t) (j.ne[1] * j.ne[2]) > mf.size) {
+            err = "tensor data of " + j.name + " lies beyond the end of " + path;
+            return -1;
+        }
+        auto st = std::make_unique<score_tensor>();
+        const int64_t n_sample   = j.sample_elements > 0 ? j.sample_elements : params.sample_elements;
+        const int64_t per_expert = std::max<int64_t>(params.min_rows, (n_sample / j.ne[2] + j.ne[0] - 1) / j.ne[0]);
+        const int64_t block_rows = std::max<int64_t>(1, LLQX_SCORE_BLOCK_ELEMENTS / j.ne[0]);
+        std::vector<int64_t> rows;
+        st->expert_first.push_back(0);
+        for (int32_t e = 0; e < (int32_t) j.ne[2]; ++e) {
+            llqx_score_sample_rows(j.name, e, j.ne[1], per_expert, rows);
+            const int64_t first = (int64_t) st->rows.size();
+            for (int64_t r : rows) {
+                st->rows.push_back((int64_t) e * j.ne[1] + r);
+            }
+            for (int64_t b = 0; b < (int64_t) rows.size(); b += block_rows) {
+                st->blocks.push_back({ e, first + b, std::min(block_rows, (int64_t) rows.size() - b) });
+            }
+            st->expert_first.push_back((int64_t) st->rows.size());
+        }
+        for (int32_t b = 0; b < (int32_t) st->blocks.size(); ++b) {
+            for (int32_t c = 0; c < (int32_t) j.candidates.size(); ++c) {
+                items.push_back({ (int32_t) ji, c, b });
+            }
+        }
+        st->remaining = (int64_t) st->blocks.size() * (int64_t) j.candidates.size();
+        tensors[ji] = std::move(st);
+    }
+
+    // IQ grids once, up front, before any thread needs them
+    for (const auto & j : jobs) {
+        for (int32_t t : j.candidates) {
+            ggml_quantize_init((ggml_type) t);
+        }
+    }
+
+    std::atomic<size_t> next { 0 };
+    std::atomic<bool>   stop { false };
+    std::mutex          done_mutex;
+    bool                stopped_by_callback = false;
+
+    auto finish_job = [&](size_t ji) {
+        const auto & j = jobs[ji];
+        score_tensor & st = *tensors[ji];
+        const size_t nr = st.rows.size();
+        std::vector<double> out(j.candidates.size(), 0.0);
+        std::vector<double> tmp;
+        for (size_t c = 0; c < j.candidates.size(); ++c) {
+            double total = 0.0;
+            for (int64_t e = 0; e < j.ne[2]; ++e) {
+                const int64_t a = st.expert_first[(size_t) e];
+                const int64_t b = st.expert_first[(size_t) e + 1];
+                tmp.assign(st.row_err.begin() + (int64_t) (c * nr) + a, st.row_err.begin() + (int64_t) (c * nr) + b);
+                total += trimmed_mean(tmp, params.trim) * (double) j.ne[1];
+            }
+            out[c] = total;
+        }
+        st.data.clear();
+        st.data.shrink_to_fit();
+        {
+            const uint64_t begin = j.offset / page * page;
+            const uint64_t end   = j.offset + ggml_row_size((ggml_type) j.src_type, j.ne[0]) * (uint64_t) (j.ne[1] * j.ne[2]);
+            madvise((void *) (base + begin), (size_t) (end - begin), MADV_DONTNEED);
+        }
+        st.row_err.clear();
+        st.row_err.shrink_to_fit();
+        std::lock_guard<std::mutex> lock(done_mutex);
+        errors[ji] = out;
+        if (done != nullptr && !done((int32_t) ji, out.data(), (int32_t) out.size(), (int64_t) nr, user_data)) {
+            stopped_by_callback = true;
+            stop = true;
+        }
+    };
+
+    auto worker = [&]() {
+        std::vector<uint8_t> qbuf(max_qrow * (size_t) max_block_rows);
+        std::vector<float>   ybuf((size_t) (max_ne0 * max_block_rows));
+        while (!stop.load() && !(cancel != nullptr && cancel->load())) {
+            const size_t ii = next.fetch_add(1);
+            if (ii >= items.size()) {
+                break;
+            }
+            const score_item & it = items[ii];
+            const auto & j = jobs[(size_t) it.job];
+            score_tensor & st = *tensors[(size_t) it.job];
+            const int64_t ne0 = j.ne[0];
+            {
+                std::lock_guard<std::mutex> lock(st.mutex);
+                if (!st.loaded) {
+                    // read and convert the sampled rows of this tensor, once
+                    const ggml_type stype = (ggml_type) j.src_type;
+                    const size_t src_row = ggml_row_size(stype, ne0);
+                    st.data.resize(st.rows.size() * (size_t) ne0);
+                    for (size_t r = 0; r < st.rows.size(); ++r) {
+                        const uint8_t * src = base + j.offset + (uint64_t) st.rows[r] * src_row;
+                        float * dst = st.data.data() + r * (size_t) ne0;
+                        if (stype == GGML_TYPE_F32) {
+                            std::memcpy(dst, src, sizeof(float) * (size_t) ne0);
+                        } else {
+                            ggml_get_type_traits(stype)->to_float(src, dst, ne0);
+                        }
+                    }
+                    st.row_err.assign(st.rows.size() * j.candidates.size(), 0.0);
+                    st.loaded = true;
+                }
+            }
+            const score_block & blk = st.blocks[(size_t) it.block];
+            const ggml_type qt = (ggml_type) j.candidates[(size_t) it.cand];
+            const float * x = st.data.data() + blk.first * ne0;
+            const float * v = j.weights.empty() ? nullptr : j.weights.data() + (size_t) blk.expert * (size_t) ne0;
+            const float * a = j.activations.empty() ? nullptr : j.activations.data() + (size_t) blk.expert * (size_t) ne0;
+            const size_t qrow = ggml_row_size(qt, ne0);
+            ggml_quantize_chunk(qt, x, qbuf.data(), 0, blk.count, ne0, v);
+            const ggml_type_traits * tt = ggml_get_type_traits(qt);
+            for (int64_t r = 0; r < blk.count; ++r) {
+                tt->to_float(qbuf.data() + (size_t) r * qrow, ybuf.data() + r * ne0, ne0);
+            }
+            double * out = st.row_err.data() + (size_t) it.cand * st.rows.size() + (size_t) blk.first;
+            for (int64_t r = 0; r < blk.count; ++r) {
+                const float * xr = x + r * ne0;
+                const float * yr = ybuf.data() + r * ne0;
+                double num = 0.0, den = 0.0, ae = 0.0, ax = 0.0;
+                for (int64_t k = 0; k < ne0; ++k) {
+                    const double d  = (double) yr[k] - (double) xr[k];
+                    const double w  = v ? (double) v[k] : 1.0;
+                    num += w * d * d;
+                    den += w * (double) xr[k] * (double) xr[k];
+                    if (a) {
+                        ae += (double) a[k] * d;
+                        ax += (double) a[k] * (double) xr[k];
+                    }
+                }
+                num += ae * ae;
+                den += ax * ax;
+                out[r] = den > 0.0 ? num / den : 0.0;
+            }
+            bool last = false;
+            {
+                std::lock_guard<std::mutex> lock(st.mutex);
+                last = --st.remaining == 0;
+            }
+            if (last) {
+                finish_job((size_t) it.job);
+            }
+        }
+    };
+
+    const int32_t nthread = std::max<int32_t>(1, params.nthread);
+    std::vector<std::thread> threads;
+    for (int32_t i = 1; i < nthread; ++i) {
+        threads.emplace_back(worker);
+    }
+    worker();
+    for (auto & t : threads) {
+        t.join();
+    }
+
+    if (stopped_by_callback || (cancel != nullptr && cancel->load())) {
+        // jobs that did not finish keep empty curves
+        for (size_t ji = 0; ji < jobs.size(); ++ji) {
+            if (tensors[ji]->remaining != 0) {
+                errors[ji].clear();
+            }
+        }
+        return 0;
+    }
+    return 1;
+}

@@ -1,0 +1,42 @@
+// scoring pass of the target-bpw method: per tensor and candidate type, the weighted quantization
+// error of deterministically sampled rows (method.md section 2)
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct llqx_score_job {
+    std::string          name;         // tensor name, also the seed of its row sampling
+    int32_t              src_type;     // ggml type of the data in the file
+    int64_t              ne[3];        // n_per_row, rows per expert, experts
+    uint64_t             offset;       // absolute byte offset of the data in the file
+    std::vector<int32_t> candidates;   // ggml types to score (already width-compatible)
+    std::vector<float>   weights;      // ne[2] * ne[0] importance values (E[x^2]), or empty: plain MSE
+    std::vector<float>   activations;  // ne[2] * ne[0] mean activations (E[x]), or empty: no bias term
+    int64_t              sample_elements = 0; // elements to sample (over all experts); 0: the run's default
+};
+
+struct llqx_score_params {
+    int32_t nthread         = 1;
+    int64_t sample_elements = 1 << 20; // elements sampled per tensor (split over its experts)
+    int64_t min_rows        = 16;      // rows sampled per expert slice at least (all when fewer)
+    double  trim            = 0.02;    // fraction of rows dropped at each end of the robust mean
+};
+
+// called (serialized, from any thread) when one job's curve is complete: errors[i] belongs to
+// candidates[i]; returning false cancels the run
+typedef bool (*llqx_score_done_t)(int32_t job, const double * errors, int32_t n_errors, int64_t n_rows_sampled,
+                                  void * user_data);
+
+// the rows that are sampled from one expert slice of n_rows rows (sorted, deterministic from name and expert)
+void llqx_score_sample_rows(const std::string & name, int32_t expert, int64_t n_rows, int64_t n_sample,
+                            std::vector<int64_t> & rows);
+
+// scores every job; errors[j] receives job j's per-candidate errors (empty when the job did not finish).
+// Returns 1 when complete, 0 when cancelled (by the flag or the callback), -1 with err set on failure.
+int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_job> & jobs,
+                       const llqx_score_params & params, std::vector<std::vector<double>> & errors,
+                       llqx_score_done_t done, void * user_data, const std::atomic<bool> * cancel,
+                       std::string & err);

@@ -1,0 +1,598 @@
+"""The scoring pass (method.md §2): per quantizable tensor, the error of every candidate type.
+
+``score(model, imatrix)`` streams the model through the C++ scorer (sampled rows, quantized with each
+expert's importance values, weighted error with the mean-activation term) and returns ``Scores``,
+whose ``plan(target_bpw=... | target_size=...)`` runs the optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from . import _core
+from .errors import LlqxError
+from .imatrix import Imatrix
+from .model import ModelInfo, TensorInfo, inspect
+from .optimizer import allocate
+from .plan import Plan, PlanTensor, padded
+from .quantize import imatrix_kv_overrides, select_imatrix
+from .state import ScoreState, TensorScore, load_state
+from .types import ggml_type
+
+log = logging.getLogger("llqx")
+
+# method.md §2; the 16-bit candidate is F16, or BF16 for a BF16 source
+CANDIDATES = (
+    "IQ1_S",
+    "IQ1_M",
+    "IQ2_XXS",
+    "IQ2_XS",
+    "IQ2_S",
+    "IQ3_XXS",
+    "IQ3_S",
+    "Q2_K",
+    "Q3_K",
+    "IQ4_XS",
+    "IQ4_NL",
+    "Q4_0",
+    "Q4_1",
+    "Q4_K",
+    "Q5_0",
+    "Q5_1",
+    "Q5_K",
+    "Q6_K",
+    "Q8_0",
+    "F16",
+)
+SCORING_VERSION = 1
+# sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
+# the estimate is a per-row mean, so it needs rows from all over the tensor more than many rows
+SAMPLE_FRACTION = 1 / 32
+SAMPLE_FLOOR = 1 << 15
+SAMPLE_CAP = 1 << 18
+MIN_ROWS = 16  # per expert slice (all rows when it has fewer)
+TRIM = 0.02  # robust mean: drop this fraction of rows at each end
+
+# tensor_type_fallback in llama-quant.cpp (b11312)
+_FALLBACK = {
+    **dict.fromkeys(("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"), "IQ4_NL"),
+    **dict.fromkeys(("Q2_0", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0"), "Q4_0"),
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
+}
+
+# tensor_allows_quantization in llama-quant.cpp (b11312): substrings that keep a tensor as it is
+_KEEP_SUBSTRINGS = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "time_mix_first.weight",
+    "time_mix_w0.weight",
+    "time_mix_w1.weight",
+    "time_mix_w2.weight",
+    "time_mix_v0.weight",
+    "time_mix_v1.weight",
+    "time_mix_v2.weight",
+    "time_mix_a0.weight",
+    "time_mix_a1.weight",
+    "time_mix_a2.weight",
+    "time_mix_g1.weight",
+    "time_mix_g2.weight",
+    "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight",
+    "time_mix_lerp_fused.weight",
+    "attn_rel_b.weight",
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
+)
+_KEEP_GLM5_NEXT = (
+    "hc_",
+    "indexer.attn_q_b",
+    "indexer.attn_k",
+    "indexer.proj",
+    "indexer_compressor_gate",
+    "indexer_compressor_ape",
+    "ssm_f_a.weight",
+    "ssm_f_b.weight",
+    "ssm_g_a.weight",
+    "ssm_g_b.weight",
+    "ssm_beta.weight",
+    "attn_kv_a_mqa.weight",
+    "attn_k_b.weight",
+    "attn_v_b.weight",
+)
+_TOKEN_EMBD = ("token_embd.weight", "per_layer_token_embd.weight")
+
+
+def tensor_is_quantizable(name: str, n_dims: int, arch: str) -> bool:
+    """Whether llama_model_quantize would quantize this tensor (else it keeps its type)."""
+    if n_dims < 2 or not name.endswith("weight"):
+        return False
+    if any(s in name for s in _KEEP_SUBSTRINGS):
+        return False
+    if name in ("position_embd.weight", "token_types.weight"):
+        return False
+    return not (arch == "glm5-next" and any(s in name for s in _KEEP_GLM5_NEXT))
+
+
+def fallback_type(type_id: int, ne0: int) -> int:
+    """The type llama.cpp actually writes when a row of ne0 elements does not fit the type's blocks."""
+    t = ggml_type(type_id)
+    if ne0 % t.block_size == 0:
+        return type_id
+    if t.name.upper() in _FALLBACK:
+        r = ggml_type(_FALLBACK[t.name.upper()])
+    elif t.block_size <= 32:
+        r = t
+    else:
+        raise LlqxError(f"no tensor type fallback is defined for type {t.name.upper()}")
+    if ne0 % r.block_size != 0:
+        return ggml_type("F16").id
+    return r.id
+
+
+def needs_imatrix(name: str, type_id: int) -> bool:
+    """llama.cpp refuses these without importance data (tensor_requires_imatrix; ggml's list is a subset)."""
+    t = ggml_type(type_id)
+    if name in _TOKEN_EMBD or name == "output.weight":
+        return t.name.upper() in ("IQ2_XXS", "IQ2_XS", "IQ1_S")  # ggml_quantize_requires_imatrix
+    return t.requires_imatrix
+
+
+def _shape3(t: TensorInfo) -> tuple[int, int, int]:
+    s = [*list(t.shape), 1, 1, 1]
+    return s[0], s[1], s[2] * s[3]
+
+
+def tensor_nbytes(type_id: int, t: TensorInfo) -> int:
+    return int(_core.row_size(type_id, t.n_per_row)) * t.n_rows
+
+
+def tensor_candidates(t: TensorInfo, has_weights: bool) -> list[int]:
+    """Candidate types after the writer's width fallback, de-duplicated, cheapest first."""
+    src = ggml_type(t.type).name.upper()
+    names = [n if n != "F16" or src != "BF16" else "BF16" for n in CANDIDATES]
+    out: list[int] = []
+    for n in names:
+        tid = fallback_type(ggml_type(n).id, t.n_per_row)
+        if tid in out or (not has_weights and needs_imatrix(t.name, tid)):
+            continue
+        out.append(tid)
+    return sorted(out, key=lambda tid: (tensor_nbytes(tid, t), tid))
+
+
+@dataclass
+class TensorCurve:
+    """Candidate types of one tensor with the bytes the writer will produce and their scored error."""
+
+    name: str
+    n_elements: int
+    types: list[int]
+    nbytes: list[int]
+    errors: list[float]
+
+
+def _check_imatrix(info: ModelInfo, im: Imatrix) -> None:
+    tensors = {t.name: t for t in info.tensors}
+    matched = 0
+    for name, e in im.entries.items():
+        t = tensors.get(name)
+        if t is None:
+            continue
+        ne0, _, ne2 = _shape3(t)
+        if e.in_sum2.size != ne0 * ne2:
+            raise LlqxError(
+                f"imatrix does not fit this model: {name} has {e.in_sum2.size} values, the model's "
+                f"tensor needs {ne0 * ne2} (an imatrix of another model?)"
+            )
+        matched += 1
+    if matched == 0:
+        raise LlqxError("imatrix has no entry for any tensor of this model: it was made for another model")
+
+
+def _model_hash(info: ModelInfo) -> str:
+    """Header bytes plus a few sampled blocks of every tensor's data: cheap, and changes with the data."""
+    h = hashlib.sha256()
+    h.update(str(info.file_size).encode())
+    with open(info.path, "rb") as f:
+        h.update(f.read(info.data_offset))
+        for t in info.tensors:
+            for pos in sorted({0, t.nbytes // 2, max(0, t.nbytes - 4096)}):
+                f.seek(t.offset + pos)
+                h.update(f.read(min(4096, t.nbytes - pos)))
+    return h.hexdigest()
+
+
+def _importance(im: Imatrix | None, t: TensorInfo) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if im is None or t.name not in im.entries:
+        return None, None
+    w = np.ascontiguousarray(im.values(t.name).reshape(-1), dtype=np.float32)
+    a = im.activations(t.name)
+    return w, (None if a is None else np.ascontiguousarray(a.reshape(-1), dtype=np.float32))
+
+
+def _imatrix_hash(im: Imatrix | None, tensors: Sequence[TensorInfo]) -> str:
+    h = hashlib.sha256()
+    if im is None:
+        return "none"
+    for t in tensors:
+        w, a = _importance(im, t)
+        h.update(t.name.encode() + b"\0")
+        h.update(b"w" if w is not None else b"-")
+        if w is not None:
+            h.update(w.tobytes())
+        h.update(b"a" if a is not None else b"-")
+        if a is not None:
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Scores:
+    """Error curves of every quantizable tensor of a model; plan() turns them into a plan."""
+
+    model: ModelInfo
+    curves: dict[str, TensorCurve]
+    imatrix_label: str | None
+    meta_size: int
+    has_activations: bool
+
+    def pins(
+        self,
+        tensor_types: Iterable[tuple[str, str | int]] = (),
+        output_tensor_type: str | int | None = None,
+        token_embedding_type: str | int | None = None,
+    ) -> dict[str, int]:
+        """Types fixed by the user, resolved per tensor as llama.cpp would (first matching pattern wins)."""
+        patterns = [(re.compile(p.lower()), ggml_type(tt).id) for p, tt in tensor_types]
+        out: dict[str, int] = {}
+        for name in self.curves:
+            t = self.model.tensor(name)
+            chosen: int | None = None
+            named = next((tt for rx, tt in patterns if rx.search(name)), None)
+            if (
+                token_embedding_type is not None
+                and name in _TOKEN_EMBD
+                and not (name == "per_layer_token_embd.weight" and named is not None)
+            ):
+                chosen = ggml_type(token_embedding_type).id
+            elif output_tensor_type is not None and name == "output.weight":
+                chosen = ggml_type(output_tensor_type).id
+            elif named is not None:
+                chosen = named
+            if chosen is None:
+                continue
+            gt = ggml_type(chosen)
+            if not gt.can_quantize:
+                raise LlqxError(f"cannot pin {name} to {gt.name}: llama.cpp cannot write that type")
+            chosen = fallback_type(chosen, t.n_per_row)
+            if needs_imatrix(name, chosen) and self.imatrix_label is None:
+                raise LlqxError(f"pinning {name} to {ggml_type(chosen).name} needs an imatrix")
+            out[name] = chosen
+        return out
+
+    def plan(
+        self,
+        target_bpw: float | None = None,
+        target_size: int | None = None,
+        *,
+        tensor_types: Iterable[tuple[str, str | int]] = (),
+        output_tensor_type: str | int | None = None,
+        token_embedding_type: str | int | None = None,
+    ) -> Plan:
+        """The lowest-error mix at or below target_bpw (llama.cpp's BPW) or target_size (whole file)."""
+        if (target_bpw is None) == (target_size is None):
+            raise LlqxError("give exactly one of target_bpw and target_size")
+        pins = self.pins(tensor_types, output_tensor_type, token_embedding_type)
+        info = self.model
+        n_elements = info.n_elements
+        by_size = target_size is not None
+
+        def cost(nbytes: int) -> int:
+            return padded(nbytes) if by_size else nbytes
+
+        fixed = 0
+        raw_fixed = 0
+        for t in info.tensors:
+            nb = (
+                t.nbytes
+                if t.name not in self.curves
+                else (tensor_nbytes(pins[t.name], t) if t.name in pins else 0)
+            )
+            if t.name not in self.curves or t.name in pins:
+                fixed += cost(nb)
+                raw_fixed += nb
+        free = [c for name, c in self.curves.items() if name not in pins]
+        raw_lo = raw_fixed + sum(min(c.nbytes) for c in free)
+        raw_hi = raw_fixed + sum(max(c.nbytes) for c in free)
+        lo = fixed + sum(min(cost(b) for b in c.nbytes) for c in free)
+        hi = fixed + sum(max(cost(b) for b in c.nbytes) for c in free)
+        if by_size:
+            assert target_size is not None
+            overhead = self.meta_size
+            budget_total = int(target_size) - overhead
+
+            def show(x: int) -> str:
+                return f"{x + overhead:,} bytes ({(x + overhead) / 2**30:.4f} GiB)"
+
+            target_text = f"{int(target_size):,} bytes"
+        else:
+            assert target_bpw is not None
+            budget_total = int(Fraction(str(target_bpw)) * n_elements / 8)
+
+            def show(x: int) -> str:
+                return f"{8.0 * x / n_elements:.4f} bpw"
+
+            target_text = f"{target_bpw} bpw"
+        rng = f"achievable: {show(lo)} to {show(hi)}"
+        if pins and fixed > budget_total:
+            raise LlqxError(
+                f"the pinned tensors and the tensors llama.cpp keeps take {show(fixed)} alone, more than "
+                f"the target {target_text} ({rng})"
+            )
+        if budget_total < lo:
+            raise LlqxError(f"target {target_text} is below the smallest achievable mix ({rng})")
+        if budget_total > hi:
+            raise LlqxError(f"target {target_text} is above the largest achievable mix ({rng})")
+
+        curves = [
+            (np.array([cost(b) for b in c.nbytes], dtype=np.float64), np.array(c.errors, dtype=np.float64))
+            for c in free
+        ]
+        # bytes that may stay unspent rather than bought with a worse error: a fraction of the tolerance
+        slack = n_elements * 0.0005 / 8 if not by_size else int(target_size or 0) * 0.0002
+        chosen = allocate(curves, budget_total - fixed, slack)
+        pick = {c.name: i for c, i in zip(free, chosen, strict=True)}
+
+        tensors: list[PlanTensor] = []
+        for t in info.tensors:
+            c = self.curves.get(t.name)
+            if c is None:
+                tensors.append(PlanTensor(t.name, t.type, t.nbytes, t.n_elements, None, "kept"))
+            elif t.name in pins:
+                tid = pins[t.name]
+                err = c.errors[c.types.index(tid)] if tid in c.types else None
+                tensors.append(PlanTensor(t.name, tid, tensor_nbytes(tid, t), t.n_elements, err, "pinned"))
+            else:
+                i = pick[t.name]
+                tensors.append(
+                    PlanTensor(t.name, c.types[i], c.nbytes[i], t.n_elements, c.errors[i], "optimized")
+                )
+        requantize = any(ggml_type(t.type).is_quantized for t in info.tensors if t.name in self.curves)
+        plan = Plan(
+            info.path,
+            tensors,
+            self.meta_size,
+            self.imatrix_label,
+            target_bpw,
+            None if target_size is None else int(target_size),
+            requantize,
+            (8.0 * raw_lo / n_elements, 8.0 * raw_hi / n_elements),
+        )
+        if not by_size:
+            assert target_bpw is not None
+            if plan.tensor_bytes > budget_total:
+                raise LlqxError("internal error: plan exceeds its budget")
+        elif plan.file_size > int(target_size or 0):
+            raise LlqxError("internal error: plan exceeds its file size budget")
+        return plan
+
+
+def _progress_console():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def score(
+    model: str | os.PathLike[str],
+    imatrix: str | os.PathLike[str] | Imatrix | None = None,
+    *,
+    state: str | os.PathLike[str] | None = None,
+    nthread: int = 0,
+    sample_elements: int | None = None,
+    progress: bool = True,
+) -> Scores:
+    """Score every quantizable tensor of a GGUF model under every candidate type.
+
+    ``imatrix``: a path or Imatrix; without one the error is plain relative MSE and the IQ types that
+    need importance data are left out. ``sample_elements`` fixes the sampled elements per tensor
+    (default: a 1/32 slice of each tensor, 32 K to 256 K elements). ``state``: a state file to resume
+    from and save to (scoring is saved there on Ctrl+C, and a later call with the same model and
+    imatrix skips scoring).
+    """
+    info = inspect(model)
+    im: Imatrix | None
+    label: str | None
+    if imatrix is None:
+        im, label = None, None
+    elif isinstance(imatrix, Imatrix):
+        im, label = imatrix, ""
+    else:
+        im, label = Imatrix.load(imatrix), os.fspath(imatrix)
+    if im is not None:
+        _check_imatrix(info, im)
+        if not im.has_activations:
+            log.warning(
+                "the imatrix has no activation sums (in_sum): scoring without the mean-activation term"
+            )
+    arch = info.architecture
+    quantizable = [t for t in info.tensors if tensor_is_quantizable(t.name, len(t.shape), arch)]
+    for t in quantizable:
+        if t.n_per_row % ggml_type(t.type).block_size != 0:
+            raise LlqxError(f"cannot read {t.name}")
+
+    cands = {t.name: tensor_candidates(t, im is not None and t.name in im.entries) for t in quantizable}
+    key = {
+        "model": _model_hash(info),
+        "imatrix": _imatrix_hash(im, quantizable),
+        "candidates": {n: [ggml_type(x).name for x in c] for n, c in cands.items()},
+        "scoring": SCORING_VERSION,
+        "sampling": {
+            "elements": sample_elements,
+            "fraction": SAMPLE_FRACTION,
+            "floor": SAMPLE_FLOOR,
+            "cap": SAMPLE_CAP,
+            "min_rows": MIN_ROWS,
+            "trim": TRIM,
+        },
+    }
+    st = load_state(None if state is None else Path(state), key)
+    todo = [
+        t
+        for t in quantizable
+        if t.name not in st.tensors or st.tensors[t.name].types != key["candidates"][t.name]
+    ]
+    if todo:
+        _run_scoring(info, im, todo, cands, st, nthread, sample_elements, progress)
+
+    curves: dict[str, TensorCurve] = {}
+    for t in quantizable:
+        s = st.tensors[t.name]
+        types = cands[t.name]
+        curves[t.name] = TensorCurve(
+            t.name, t.n_elements, types, [tensor_nbytes(x, t) for x in types], list(s.errors)
+        )
+    kvs = [] if im is None else imatrix_kv_overrides(select_imatrix(im), label or "")
+    meta = int(_core.layout_meta_size(info.path, kvs, 7))
+    return Scores(info, curves, label, meta, im is not None and im.has_activations)
+
+
+def _run_scoring(
+    info: ModelInfo,
+    im: Imatrix | None,
+    todo: list[TensorInfo],
+    cands: dict[str, list[int]],
+    st: ScoreState,
+    nthread: int,
+    sample_elements: int | None,
+    progress: bool,
+) -> None:
+    jobs = []
+    for t in todo:
+        ne0, ne1, ne2 = _shape3(t)
+        w, a = _importance(im, t)
+        job: dict[str, object] = {
+            "name": t.name,
+            "src_type": t.type,
+            "ne": [ne0, ne1, ne2],
+            "offset": t.offset,
+            "candidates": cands[t.name],
+        }
+        if w is not None:
+            job["weights"] = w
+        if a is not None:
+            job["activations"] = a
+        n_sample = (
+            sample_elements
+            if sample_elements is not None
+            else int(max(SAMPLE_FLOOR, min(SAMPLE_CAP, t.n_elements * SAMPLE_FRACTION)))
+        )
+        job["sample_elements"] = max(1, min(n_sample, t.n_elements))
+        jobs.append(job)
+    nthread = nthread if nthread > 0 else (os.cpu_count() or 1)
+    cancel = _core.ScoreCancel()
+    last_save = [time.monotonic()]
+    bar = None
+    task = None
+    if progress:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(
+            TextColumn("scoring"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tensors"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[name]}"),
+            console=_progress_console(),
+            transient=True,
+        )
+        task = bar.add_task("scoring", total=len(jobs), name="")
+        bar.start()
+
+    def on_done(j: int, errors: np.ndarray, rows: int) -> bool:
+        t = todo[j]
+        st.tensors[t.name] = TensorScore(
+            [ggml_type(x).name for x in cands[t.name]], [float(e) for e in errors], int(rows)
+        )
+        if bar is not None and task is not None:
+            bar.update(task, advance=1, name=t.name)
+        now = time.monotonic()
+        if now - last_save[0] > 2.0:
+            st.save()
+            last_save[0] = now
+        return True
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _core.score_run(
+                info.path,
+                jobs,
+                nthread=nthread,
+                sample_elements=SAMPLE_CAP,
+                min_rows=MIN_ROWS,
+                trim=TRIM,
+                callback=on_done,
+                cancel=cancel,
+            )
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="llqx-score", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        cancel.set()
+        worker.join()
+        st.save()
+        if bar is not None:
+            bar.stop()
+        if st.path is not None:
+            log.warning("scoring interrupted: %d tensors saved to %s", len(st.tensors), st.path)
+        raise
+    if bar is not None:
+        bar.stop()
+    st.save()
+    if failure:
+        exc = failure[0]
+        raise LlqxError(f"scoring failed: {exc}") from exc

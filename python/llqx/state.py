@@ -1,0 +1,117 @@
+"""The scoring state file: every tensor's error curve, keyed by all that changes the curves.
+
+A JSON document ``{"format", "key", "tensors"}``. The key holds hashes of the model (header and
+sampled tensor bytes), of the importance data the scorer used, the candidate list and the scoring
+version with its sampling settings. A file whose key differs, or that cannot be read, is reported in
+one line and rebuilt; it is never trusted. Writes are atomic (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("llqx")
+
+STATE_FORMAT = "llqx-state"
+
+
+@dataclass
+class TensorScore:
+    """One tensor's curve: candidate type names and their errors (same order)."""
+
+    types: list[str]
+    errors: list[float]
+    rows: int = 0
+
+
+@dataclass
+class ScoreState:
+    path: Path | None
+    key: dict[str, Any]
+    tensors: dict[str, TensorScore] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": STATE_FORMAT,
+                "key": self.key,
+                "tensors": {
+                    n: {"types": t.types, "errors": t.errors, "rows": t.rows} for n, t in self.tensors.items()
+                },
+            },
+            indent=0,
+            sort_keys=True,
+        )
+
+    def save(self) -> None:
+        """Atomic write beside the target; a failure to write is reported, never fatal."""
+        if self.path is None:
+            return
+        path = self.path
+        try:
+            fd, tmp = tempfile.mkstemp(
+                prefix="." + path.name + ".", suffix=".tmp", dir=path.parent or Path(".")
+            )
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(self.to_json())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            log.warning("cannot write state file %s: %s", path, exc)
+
+
+def _describe_mismatch(found: dict[str, Any], want: dict[str, Any]) -> str:
+    what = {
+        "model": "another model",
+        "imatrix": "another imatrix",
+        "candidates": "other candidate types",
+        "scoring": "another scoring version",
+        "sampling": "other sampling settings",
+    }
+    diffs = [what.get(k, k) for k in want if found.get(k) != want.get(k)]
+    return ", ".join(diffs) if diffs else "different settings"
+
+
+def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
+    """The state at path if it matches key; otherwise an empty state (reported in one line)."""
+    state = ScoreState(path, key)
+    if path is None or not path.exists():
+        return state
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+            raise ValueError("not an llqx state file")
+        found = doc.get("key")
+        if not isinstance(found, dict):
+            raise ValueError("no key")
+        tensors = doc.get("tensors")
+        if not isinstance(tensors, dict):
+            raise ValueError("no tensors")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("state file %s is unreadable (%s): rebuilding it", path, exc)
+        return state
+    if found != key:
+        log.warning("state file %s was made for %s: rebuilding it", path, _describe_mismatch(found, key))
+        return state
+    for name, t in tensors.items():
+        try:
+            types = [str(x) for x in t["types"]]
+            errors = [float(x) for x in t["errors"]]
+            rows = int(t.get("rows", 0))
+        except (KeyError, TypeError, ValueError):
+            log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
+            continue
+        if len(types) != len(errors) or not all(e == e and e >= 0.0 for e in errors):
+            log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
+            continue
+        state.tensors[str(name)] = TensorScore(types, errors, rows)
+    return state

@@ -1,0 +1,490 @@
+"""Target-bpw engine: scorer against a numpy reference, optimizer, state file, plans, writer, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llqx
+from llqx import _core
+from llqx.imatrix import Imatrix
+from llqx.optimizer import allocate
+from llqx.scoring import MIN_ROWS, TRIM, score, tensor_candidates
+from llqx.target_cli import parse_size, run_target
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = 8192  # small sampling keeps the tests fast; the default is exercised by the CLI test
+
+
+@pytest.fixture(scope="session")
+def smol_imatrix(
+    tmp_path_factory: pytest.TempPathFactory, llama_imatrix: Path, smollm2_f16: Path, calib_text: Path
+) -> Path:
+    """Upstream llama-imatrix output: no in_sum."""
+    out = tmp_path_factory.mktemp("im") / "smol.imatrix.gguf"
+    subprocess.run(
+        [
+            str(llama_imatrix),
+            "-m",
+            str(smollm2_f16),
+            "-f",
+            str(calib_text),
+            "-c",
+            "128",
+            "--chunks",
+            "3",
+            "-t",
+            "2",
+            "-o",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def moe_imatrix(
+    tmp_path_factory: pytest.TempPathFactory, llama_imatrix: Path, moe_f16: Path, calib_text: Path
+) -> Path:
+    """Upstream imatrix of the MoE fixture with synthesized activation sums (in_sum) added."""
+    d = tmp_path_factory.mktemp("im")
+    raw = d / "moe.upstream.gguf"
+    subprocess.run(
+        [
+            str(llama_imatrix),
+            "-m",
+            str(moe_f16),
+            "-f",
+            str(calib_text),
+            "-c",
+            "128",
+            "--chunks",
+            "3",
+            "-t",
+            "2",
+            "-o",
+            str(raw),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    im = Imatrix.load(raw)
+    rng = np.random.default_rng(7)
+    for e in im.entries.values():
+        # |E[x]| <= sqrt(E[x²]): a mean direction of plausible size with random signs
+        rms = np.sqrt(np.maximum(e.in_sum2, 0) * np.maximum(e.counts[:, None], 0))
+        e.in_sum = (0.3 * rms * rng.choice([-1.0, 1.0], size=rms.shape)).astype(np.float32)
+    out = d / "moe.act.gguf"
+    im.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_scores(smollm2_f16: Path, smol_imatrix: Path) -> llqx.Scores:
+    return score(smollm2_f16, smol_imatrix, nthread=2, sample_elements=SAMPLE, progress=False)
+
+
+@pytest.fixture(scope="session")
+def moe_scores(moe_f16: Path, moe_imatrix: Path) -> llqx.Scores:
+    return score(moe_f16, moe_imatrix, nthread=2, sample_elements=SAMPLE, progress=False)
+
+
+def _range(scores: llqx.Scores) -> tuple[float, float]:
+    with pytest.raises(llqx.LlqxError) as exc:
+        scores.plan(target_bpw=0.5)
+    m = re.search(r"achievable: ([\d.]+) bpw to ([\d.]+) bpw", str(exc.value))
+    assert m, str(exc.value)
+    return float(m.group(1)), float(m.group(2))
+
+
+# ---- scorer --------------------------------------------------------------------------------------
+
+
+def _reference_error(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int, sample: int) -> float:
+    """The method.md §2 estimator in numpy on the same sampled rows (quantization via ggml row calls)."""
+    t = model.tensor(name)
+    ne0, ne1 = t.shape[0], t.shape[1]
+    ne2 = t.shape[2] if len(t.shape) > 2 else 1
+    src = np.memmap(model.path, dtype=np.float16, mode="r", offset=t.offset, shape=(ne2, ne1, ne0))
+    v_all = im.values(name)
+    a_all = im.activations(name)
+    per_expert = max(MIN_ROWS, (sample // ne2 + ne0 - 1) // ne0)
+    total = 0.0
+    for e in range(ne2):
+        rows = _core.score_sample_rows(name, e, ne1, per_expert)
+        x = np.asarray(src[e, rows], dtype=np.float32)
+        v = v_all[e]
+        y = _core.dequantize_rows(type_id, _core.quantize_rows(type_id, x, v), ne0).astype(np.float64)
+        d = y - x
+        num = (d * d * v).sum(1)
+        den = (x.astype(np.float64) ** 2 * v).sum(1)
+        if a_all is not None:
+            a = a_all[e].astype(np.float64)
+            num += (d @ a) ** 2
+            den += (x @ a) ** 2
+        err = np.sort(np.where(den > 0, num / np.where(den > 0, den, 1), 0.0))
+        k = int(np.floor(TRIM * len(err)))
+        total += float(err[k : len(err) - k].mean()) * ne1
+    return total
+
+
+def test_scorer_matches_numpy_reference(
+    smol_scores: llqx.Scores, moe_scores: llqx.Scores, smol_imatrix: Path, moe_imatrix: Path
+) -> None:
+    for scores, imf, names in (
+        (smol_scores, smol_imatrix, ["blk.3.ffn_down.weight", "blk.5.attn_v.weight"]),
+        (moe_scores, moe_imatrix, ["blk.2.ffn_down_exps.weight"]),
+    ):
+        im = Imatrix.load(imf)
+        for name in names:
+            c = scores.curves[name]
+            for tid, err in zip(c.types, c.errors, strict=True):
+                ref = _reference_error(scores.model, im, name, tid, SAMPLE)
+                assert err == pytest.approx(ref, rel=1e-6, abs=1e-12), (name, llqx.ggml_type(tid).name)
+
+
+def test_candidates_follow_the_width_fallback(smol_scores: llqx.Scores) -> None:
+    q = smol_scores.curves["blk.0.attn_q.weight"]  # 576 wide: K and IQ types fall back
+    names = {llqx.ggml_type(t).name.upper() for t in q.types}
+    assert names == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"}
+    d = smol_scores.curves["blk.0.ffn_down.weight"]  # 1536 wide: every candidate
+    assert len(d.types) == 20
+    # token_embd has no imatrix entry: no type that needs one
+    te = smol_scores.model.tensor("token_embd.weight")
+    assert all(
+        not llqx.ggml_type(t).requires_imatrix or t in tensor_candidates(te, False)
+        for t in smol_scores.curves["token_embd.weight"].types
+    )
+    # norms are kept; errors fall with bytes along the hull's end points
+    assert "blk.0.attn_norm.weight" not in smol_scores.curves
+    assert q.errors[q.types.index(llqx.ggml_type("F16").id)] == 0.0
+
+
+def test_scoring_is_thread_count_independent(
+    smollm2_f16: Path, smol_imatrix: Path, smol_scores: llqx.Scores
+) -> None:
+    one = score(smollm2_f16, smol_imatrix, nthread=1, sample_elements=SAMPLE, progress=False)
+    for name, c in smol_scores.curves.items():
+        assert one.curves[name].errors == c.errors
+
+
+# ---- optimizer -----------------------------------------------------------------------------------
+
+
+def test_optimizer_near_bruteforce_optimum() -> None:
+    rng = np.random.default_rng(3)
+    curves = []
+    for _ in range(6):
+        c = np.sort(rng.choice(np.arange(10, 200), 4, replace=False)).astype(float)
+        e = np.sort(rng.random(4))[::-1] * rng.uniform(0.5, 5)
+        curves.append((c, e))
+    lo = sum(c.min() for c, _ in curves)
+    hi = sum(c.max() for c, _ in curves)
+    for budget in np.linspace(lo, hi, 9).astype(int):
+        best = min(
+            sum(e[i] for (_, e), i in zip(curves, combo, strict=True))
+            for combo in product(range(4), repeat=6)
+            if sum(c[i] for (c, _), i in zip(curves, combo, strict=True)) <= budget
+        )
+        # no slack: every byte that fits is spent; with slack: pure error minimization
+        for slack, tol in ((0.0, None), (1e18, 1.05)):
+            chosen = allocate(curves, int(budget), slack)
+            cost = sum(c[i] for (c, _), i in zip(curves, chosen, strict=True))
+            err = sum(e[i] for (_, e), i in zip(curves, chosen, strict=True))
+            assert cost <= budget
+            if tol is None:
+                left = budget - cost  # nothing single move that spends bytes still fits
+                assert all(
+                    not (0 < c[k] - c[i] <= left)
+                    for (c, _), i in zip(curves, chosen, strict=True)
+                    for k in range(4)
+                )
+            else:
+                assert err <= best * tol + 1e-12
+
+
+# ---- plans: bpw and size accounting --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["smol", "moe"])
+def test_bpw_sweep_lands_on_target(which: str, smol_scores: llqx.Scores, moe_scores: llqx.Scores) -> None:
+    scores = smol_scores if which == "smol" else moe_scores
+    lo, hi = _range(scores)
+    assert 3.5 < lo < 5.0  # 576-wide tensors fall back to legacy types
+    assert 15.9 < hi <= 16.1  # F16 everywhere (+ the MoE's F32 router)
+    # feasible: near the all-F16 corner the nearest mixes lie apart (one F16 -> Q8_0 step of the
+    # smallest tensor is ~0.006 bpw here), so the sweep stops 0.1 bpw below the maximum
+    for target in np.round(np.linspace(lo + 0.0001, hi - 0.1, 25), 4):
+        plan = scores.plan(target_bpw=float(target))
+        assert plan.bpw <= target
+        assert plan.bpw >= target - 0.002, (target, plan.bpw)
+    assert scores.plan(target_bpw=float(hi - 0.0001)).bpw <= hi - 0.0001
+    with pytest.raises(llqx.LlqxError, match="above the largest achievable"):
+        scores.plan(target_bpw=hi + 0.01)
+    with pytest.raises(llqx.LlqxError, match="below the smallest achievable"):
+        scores.plan(target_bpw=lo - 0.01)
+
+
+def test_written_files_match_plans(
+    tmp_path: Path,
+    smollm2_f16: Path,
+    smol_imatrix: Path,
+    smol_scores: llqx.Scores,
+    moe_f16: Path,
+    moe_imatrix: Path,
+    moe_scores: llqx.Scores,
+) -> None:
+    cases = [(smollm2_f16, smol_imatrix, smol_scores, 8.3), (moe_f16, moe_imatrix, moe_scores, 6.7)]
+    for model, imf, scores, target in cases:
+        plan = scores.plan(target_bpw=target)
+        out = tmp_path / f"{Path(model).stem}-{target}.gguf"
+        llqx.quantize(model, out, plan=plan, imatrix=imf, nthread=2)
+        info = llqx.inspect(out)
+        assert target - 0.002 <= info.bpw <= target
+        assert info.bpw == plan.bpw
+        assert info.file_size == plan.file_size
+        assert {t.name: t.type for t in info.tensors} == {t.name: t.type for t in plan.tensors}
+        assert info.metadata["quantize.imatrix.file"] == os.fspath(imf)
+    # the whole file, metadata included, at most N and at least 0.999 N
+    n = parse_size("0.09G")
+    plan = smol_scores.plan(target_size=n)
+    out = tmp_path / "sized.gguf"
+    llqx.quantize(smollm2_f16, out, plan=plan, imatrix=smol_imatrix, nthread=2)
+    size = out.stat().st_size
+    assert 0.999 * n <= size <= n
+
+
+def test_target_size_accounting(smol_scores: llqx.Scores) -> None:
+    for text in ("75M", "0.1G", "123456789", "150MiB"):
+        n = parse_size(text)
+        plan = smol_scores.plan(target_size=n)
+        assert 0.999 * n <= plan.file_size <= n
+    assert parse_size("1.5G") == 3 * 2**29
+    with pytest.raises(llqx.LlqxError):
+        parse_size("1.5X")
+
+
+def test_pins_are_respected(smol_scores: llqx.Scores) -> None:
+    plan = smol_scores.plan(target_bpw=6.0, tensor_types=[(r"ffn_up", "q8_0")], token_embedding_type="q4_0")
+    assert 5.998 <= plan.bpw <= 6.0
+    for t in plan.tensors:
+        if "ffn_up" in t.name:
+            assert t.type_name.upper() == "Q8_0"
+            assert t.status == "pinned"
+    assert plan.type_of("token_embd.weight") == llqx.ggml_type("Q4_0").id
+    # a K type on a 576-wide tensor is written as its fallback, and planned so
+    plan = smol_scores.plan(target_bpw=6.0, tensor_types=[(r"attn_q", "q6_k")])
+    assert plan.type_of("blk.0.attn_q.weight") == llqx.ggml_type("Q8_0").id
+    with pytest.raises(llqx.LlqxError, match="pinned tensors"):
+        smol_scores.plan(target_bpw=5.0, tensor_types=[(r"weight", "f16")])
+
+
+# ---- state file ----------------------------------------------------------------------------------
+
+
+def test_state_file_reuse_and_rejection(
+    tmp_path: Path,
+    smollm2_f16: Path,
+    smol_imatrix: Path,
+    moe_imatrix: Path,
+    smol_scores: llqx.Scores,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state = tmp_path / "s.llqx-state"
+    first = score(smollm2_f16, smol_imatrix, state=state, nthread=2, sample_elements=SAMPLE, progress=False)
+    assert state.is_file()
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("rescored although the state file holds every curve")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(_core, "score_run", boom)
+        again = score(
+            smollm2_f16, smol_imatrix, state=state, nthread=2, sample_elements=SAMPLE, progress=False
+        )
+    assert {n: c.errors for n, c in again.curves.items()} == {n: c.errors for n, c in first.curves.items()}
+
+    # another imatrix (same model): reported and rebuilt, never reused
+    im = Imatrix.load(smol_imatrix)
+    e = im.entries["blk.0.attn_q.weight"]
+    e.in_sum2 = e.in_sum2 * 2.0 + 1.0
+    other = tmp_path / "other.imatrix.gguf"
+    im.save(other)
+    caplog.clear()
+    with monkeypatch.context() as mp:
+        mp.setattr(_core, "score_run", boom)
+        with pytest.raises(llqx.LlqxError, match="rescored"):
+            score(smollm2_f16, other, state=state, nthread=2, sample_elements=SAMPLE, progress=False)
+    assert any("another imatrix" in r.getMessage() for r in caplog.records)
+
+    # a corrupt file: one line, then rebuilt
+    state.write_text("{not json", encoding="utf-8")
+    caplog.clear()
+    rebuilt = score(smollm2_f16, smol_imatrix, state=state, nthread=2, sample_elements=SAMPLE, progress=False)
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    assert rebuilt.curves["blk.0.attn_q.weight"].errors == first.curves["blk.0.attn_q.weight"].errors
+    assert json.loads(state.read_text(encoding="utf-8"))["format"] == "llqx-state"
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    base: dict[str, object] = {
+        "input": None,
+        "output": None,
+        "type": None,
+        "nthreads": 2,
+        "imatrix": None,
+        "target_bpw": None,
+        "target_size": None,
+        "state_file": None,
+        "dry_run": False,
+        "tensor_type": [],
+        "tensor_type_file": None,
+        "output_tensor_type": None,
+        "token_embedding_type": None,
+        "json": False,
+        "quiet": True,
+        "score_elements": SAMPLE,
+    }
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_bad_input_is_refused(
+    tmp_path: Path, smollm2_f16: Path, smol_imatrix: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out.gguf"
+    with pytest.raises(llqx.LlqxError, match="cannot be used together"):
+        run_target(
+            _args(input=smollm2_f16, output=out, imatrix=smol_imatrix, target_bpw=5, target_size="80M")
+        )
+    with pytest.raises(llqx.LlqxError, match="need an importance matrix"):
+        run_target(_args(input=smollm2_f16, output=out, target_bpw=5.0))
+    with pytest.raises(
+        llqx.LlqxError, match=r"below the smallest achievable mix .*achievable: [\d.]+ bpw to"
+    ):
+        run_target(_args(input=smollm2_f16, output=out, imatrix=smol_imatrix, target_bpw=2.0))
+    # imatrix of another model: wrong widths, or no tensor in common
+    im = Imatrix.load(smol_imatrix)
+    bad = Imatrix(
+        entries={
+            "blk.0.attn_q.weight": llqx.ImatrixEntry(np.ones((1, 100), np.float32), np.ones(1, np.float32))
+        }
+    )
+    bad_path = tmp_path / "bad.gguf"
+    bad.save(bad_path)
+    with pytest.raises(llqx.LlqxError, match="another model"):
+        run_target(_args(input=smollm2_f16, output=out, imatrix=bad_path, target_bpw=5.0))
+    foreign = Imatrix(entries={"blk.0.mixer.weight": im.entries["blk.0.attn_q.weight"]})
+    foreign.save(bad_path)
+    with pytest.raises(llqx.LlqxError, match="another model"):
+        run_target(_args(input=smollm2_f16, output=out, imatrix=bad_path, target_bpw=5.0))
+    # pins alone above the budget
+    with pytest.raises(llqx.LlqxError, match="pinned tensors"):
+        run_target(
+            _args(
+                input=smollm2_f16, output=out, imatrix=smol_imatrix, target_bpw=5.0, tensor_type=["blk=f16"]
+            )
+        )
+    # an upstream imatrix has no activations: a warning, not an error
+    caplog.clear()
+    assert run_target(_args(input=smollm2_f16, imatrix=smol_imatrix, target_bpw=6.0, dry_run=True)) == 0
+    assert any("no activation sums" in r.getMessage() for r in caplog.records)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.gguf*"))
+
+
+def test_dry_run_json(
+    tmp_path: Path, smollm2_f16: Path, smol_imatrix: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tf = tmp_path / "types.txt"
+    tf.write_text("output=q8_0\nffn_gate=q5_0\n", encoding="utf-8")
+    rc = run_target(
+        _args(
+            input=smollm2_f16,
+            output=tmp_path / "x.gguf",
+            imatrix=smol_imatrix,
+            target_bpw=7.0,
+            dry_run=True,
+            json=True,
+            tensor_type_file=tf,
+        )
+    )
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert 6.998 <= doc["bpw"] <= 7.0
+    gates = [t for t in doc["tensors"] if "ffn_gate" in t["name"]]
+    assert gates
+    assert all(t["type"].upper() == "Q5_0" for t in gates)
+    assert all(t["status"] == "pinned" for t in gates)
+    assert "blk.7" in doc["layers"]
+    assert not (tmp_path / "x.gguf").exists()
+
+
+# ---- CLI: Ctrl+C and resume, thread count ---------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llqx.target_cli", *args]
+
+
+def test_sigint_resume_and_threads_give_identical_files(
+    tmp_path: Path, smollm2_f16: Path, smol_imatrix: Path
+) -> None:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])
+    )
+    common = ["--imatrix", str(smol_imatrix), "--target-bpw", "8.5", "--score-elements", "65536", "--quiet"]
+    ref = tmp_path / "ref.gguf"
+    subprocess.run(
+        _cli(
+            str(smollm2_f16), str(ref), "--nthreads", "1", "--state-file", str(tmp_path / "a.state"), *common
+        ),
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+
+    state = tmp_path / "b.state"
+    out = tmp_path / "resumed.gguf"
+    proc = subprocess.Popen(
+        _cli(str(smollm2_f16), str(out), "--nthreads", "2", "--state-file", str(state), *common),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "scoring finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert not out.exists()
+    n_saved = len(json.loads(state.read_text(encoding="utf-8"))["tensors"])
+    assert 0 < n_saved < 211
+
+    subprocess.run(
+        _cli(str(smollm2_f16), str(out), "--nthreads", "2", "--state-file", str(state), *common),
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    assert out.read_bytes() == ref.read_bytes()
+    assert llqx.inspect(out).bpw <= 8.5
