@@ -30,6 +30,9 @@ sys.path.insert(0, str(REPO / "python"))
 
 from llqx import data  # noqa: E402
 
+# child processes import the same llqx as this script (installed, or python/ of a dev build)
+LLQX_ROOT = str(Path(data.__file__).resolve().parent.parent)
+
 
 def upstream_bin() -> Path:
     for c in (Path(os.environ.get("LLQX_UPSTREAM_BIN", "")) / "llama-imatrix",
@@ -73,7 +76,7 @@ COLLECT_SHARE: list[float] = []  # llqx's own time summing activations ÷ its lo
 
 
 def run_llqx(common: list[str], out: Path) -> tuple[float, float]:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=LLQX_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "llqx.cli", "imatrix", *common, "-o", str(out), "--json"],
                           capture_output=True, text=True, env=env)

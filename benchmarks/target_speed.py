@@ -28,6 +28,9 @@ sys.path.insert(0, str(REPO / "python"))
 import llqx  # noqa: E402
 from llqx import data  # noqa: E402
 
+# child processes import the same llqx as this script (installed, or python/ of a dev build)
+LLQX_ROOT = str(Path(data.__file__).resolve().parent.parent)
+
 
 def tool(name: str) -> Path:
     for c in (os.environ.get("LLQX_UPSTREAM_BIN", ""), str(REPO / "build" / "dev" / "bin")):
@@ -108,7 +111,7 @@ def main() -> int:
     up_out.unlink()
 
     env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])
+        os.environ, PYTHONPATH=os.pathsep.join([LLQX_ROOT, os.environ.get("PYTHONPATH", "")])
     )
     state = work / "bench.llqx-state"
     state.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import llqx
+from conftest import subprocess_env
 from llqx import _core
 from llqx.imatrix import Imatrix
 from llqx.optimizer import allocate
@@ -447,9 +448,7 @@ def _cli(*args: str) -> list[str]:
 def test_sigint_resume_and_threads_give_identical_files(
     tmp_path: Path, smollm2_f16: Path, smol_imatrix: Path
 ) -> None:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])
-    )
+    env = subprocess_env()
     common = ["--imatrix", str(smol_imatrix), "--target-bpw", "8.5", "--score-elements", "65536", "--quiet"]
     ref = tmp_path / "ref.gguf"
     subprocess.run(

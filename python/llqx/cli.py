@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from rich.console import Console
@@ -50,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 1
     except KeyboardInterrupt:
+        # whatever was interrupted has saved or removed its files; leave at once, since the
+        # interpreter's teardown after an interrupted native worker can abort and lose the exit code
         err_console.print("[bold red]interrupted[/]")
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":
