@@ -37,6 +37,7 @@ from llqx import data
 from llqx.cli_eval import eval_progress, markdown_table
 from llqx.errors import LlqxError
 from llqx.evaluate import QuantResult
+from llqx.upstream import upstream_tool
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPES = ["IQ2_XS", "IQ2_M", "Q2_K", "IQ3_XXS", "IQ3_M", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS"]
@@ -59,23 +60,6 @@ ALIASES: dict[str, ModelAlias] = {
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def upstream_tool(name: str) -> Path:
-    """An upstream llama.cpp tool of the same build: $LLQX_UPSTREAM_BIN, the package, build/dev/bin, PATH."""
-    candidates = []
-    if os.environ.get("LLQX_UPSTREAM_BIN"):
-        candidates.append(Path(os.environ["LLQX_UPSTREAM_BIN"]) / name)
-    candidates += [Path(llqx.__file__).parent / "upstream_bin" / name, REPO / "build" / "dev" / "bin" / name]
-    for c in candidates:
-        if c.is_file() and os.access(c, os.X_OK):
-            return c
-    found = shutil.which(name)
-    if found:
-        return Path(found)
-    raise LlqxError(
-        f"upstream {name} not found: set LLQX_UPSTREAM_BIN or build with LLQX_BUILD_UPSTREAM_TOOLS=ON"
-    )
 
 
 def run_cmd(cmd: list[object], what: str) -> float:

@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from llqx import data
+from llqx.upstream import upstream_tool
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def upstream_tool(name: str) -> Path:
-    """An upstream llama.cpp tool built from the same tree as llqx._core.
-
-    Looked for in $LLQX_UPSTREAM_BIN, the installed package (built with
-    -C cmake.define.LLQX_BUILD_UPSTREAM_TOOLS=ON), then the dev build in build/dev/bin.
-    """
-    import llqx
-
-    candidates = []
-    if os.environ.get("LLQX_UPSTREAM_BIN"):
-        candidates.append(Path(os.environ["LLQX_UPSTREAM_BIN"]) / name)
-    candidates.append(Path(llqx.__file__).parent / "upstream_bin" / name)
-    candidates.append(REPO / "build" / "dev" / "bin" / name)
-    for c in candidates:
-        if c.is_file() and os.access(c, os.X_OK):
-            return c
-    found = shutil.which(name)
-    if found:
-        return Path(found)
-    raise RuntimeError(
-        f"upstream {name} not found: build with -C cmake.define.LLQX_BUILD_UPSTREAM_TOOLS=ON "
-        "or set LLQX_UPSTREAM_BIN"
-    )
 
 
 def subprocess_env() -> dict[str, str]:

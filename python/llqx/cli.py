@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -45,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    return run_command(args.func, args)
+
+
+def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a subcommand: LlqxError -> one line and exit 1; Ctrl+C -> exit 130 at once."""
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except LlqxError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 1

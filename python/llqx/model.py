@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +44,27 @@ class TensorInfo:
         return self.n_elements // self.shape[0]
 
 
+class TensorTotals:
+    """Totals over a `tensors` list whose items have n_elements and nbytes (a model, a plan)."""
+
+    tensors: Sequence[Any]
+
+    @property
+    def n_elements(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def bpw(self) -> float:
+        """Bits per weight over all tensors, the figure llama.cpp prints as 'quant size ... BPW'."""
+        return 8.0 * self.tensor_bytes / max(self.n_elements, 1)
+
+
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(TensorTotals):
     """A GGUF file's layout: tensors in file order and metadata in file order."""
 
     path: str
@@ -66,18 +86,6 @@ class ModelInfo:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
 
-    @property
-    def n_elements(self) -> int:
-        return sum(t.n_elements for t in self.tensors)
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def bpw(self) -> float:
-        """Bits per weight over all tensors, the figure llama.cpp prints as 'quant size ... BPW'."""
-        return 8.0 * self.tensor_bytes / max(self.n_elements, 1)
 
 
 def inspect(path: str | os.PathLike[str]) -> ModelInfo:

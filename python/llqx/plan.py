@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import LlqxError
+from .model import TensorTotals
 from .types import ggml_type
 
 GGUF_ALIGNMENT = 32  # llama_model_quantize pads every tensor to GGUF_DEFAULT_ALIGNMENT
@@ -51,7 +52,7 @@ class PlanTensor:
 
 
 @dataclass
-class Plan:
+class Plan(TensorTotals):
     """Tensor types for llama_model_quantize, with the sizes llama.cpp will report and write."""
 
     model: str
@@ -64,18 +65,6 @@ class Plan:
     achievable: tuple[float, float] = (0.0, 0.0)  # bpw range of the free tensors' extremes (pins included)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def n_elements(self) -> int:
-        return sum(t.n_elements for t in self.tensors)
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def bpw(self) -> float:
-        """Bits per weight as llama.cpp reports it: all tensor bytes × 8 / all elements."""
-        return 8.0 * self.tensor_bytes / max(self.n_elements, 1)
 
     @property
     def file_size(self) -> int:

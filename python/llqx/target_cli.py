@@ -209,7 +209,7 @@ def run_target(args: Any) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (tests, benchmarks): llqx-target MODEL [OUTPUT] --imatrix F --target-bpw X."""
-    from .cli import err_console, setup_logging
+    from .cli import run_command, setup_logging
 
     p = argparse.ArgumentParser(prog="llqx-target")
     p.add_argument("input")
@@ -226,19 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     add_target_arguments(p)
     args = p.parse_args(argv)
     setup_logging(False, args.quiet)
-    try:
-        return run_target(args)
-    except LlqxError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        return 1
-    except KeyboardInterrupt:
-        # the state file is saved; leave at once: the interpreter's teardown after an interrupted
-        # scoring pass can abort in native code (seen with CPython 3.11), which would lose exit code 130
-        err_console.print("[bold red]interrupted[/]")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
-
+    return run_command(run_target, args)
 
 if __name__ == "__main__":
     sys.exit(main())
