@@ -24,6 +24,17 @@ struct progress_bridge {
             return false;
         }
     }
+
+    // after a run: the callback's own Python error first, else the run's error message
+    void raise_if_failed(bool ok, const std::string & err) {
+        if (error) {
+            py::error_already_set e = std::move(*error);
+            throw e;
+        }
+        if (!ok) {
+            throw std::runtime_error(err);
+        }
+    }
 };
 
 // a caller-owned array (e.g. a numpy memmap) written in place: it must already have the right dtype,
@@ -96,13 +107,7 @@ void eval_base(const std::string & model_path, const py::array & tokens, int32_t
         ok = llqx_eval_base(model_path, p, tok, n_chunk, rows_p, nll_p,
                             progress.is_none() ? nullptr : progress_bridge::call, &bridge, err);
     }
-    if (bridge.error) {
-        py::error_already_set e = std::move(*bridge.error);
-        throw e;
-    }
-    if (!ok) {
-        throw std::runtime_error(err);
-    }
+    bridge.raise_if_failed(ok, err);
 }
 
 py::dict eval_compare(const std::string & model_path, const py::array & tokens, int32_t n_chunk,
@@ -124,13 +129,7 @@ py::dict eval_compare(const std::string & model_path, const py::array & tokens, 
         ok = llqx_eval_compare(model_path, p, tok, n_chunk, rows_p, n_vocab, out,
                                progress.is_none() ? nullptr : progress_bridge::call, &bridge, err);
     }
-    if (bridge.error) {
-        py::error_already_set e = std::move(*bridge.error);
-        throw e;
-    }
-    if (!ok) {
-        throw std::runtime_error(err);
-    }
+    bridge.raise_if_failed(ok, err);
     py::dict d;
     d["nll"]      = nll;
     d["nll_base"] = nll_base;
