@@ -112,6 +112,66 @@ def build_imatrix(model: Path, out: Path, chunks: int, ctx: int, threads: int) -
     return time.perf_counter() - t0, "upstream llama-imatrix"
 
 
+def reused(out: Path, settings: dict[str, object]) -> float | None:
+    """Seconds an earlier run took to make `out` with the same settings (its sidecar), else None."""
+    side = out.with_name(out.name + ".json")
+    try:
+        doc = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not out.is_file() or doc.get("settings") != settings or doc.get("size") != out.stat().st_size:
+        return None
+    return float(doc["seconds"])
+
+
+def record(out: Path, settings: dict[str, object], seconds: float) -> None:
+    side = out.with_name(out.name + ".json")
+    side.write_text(json.dumps({"settings": settings, "seconds": seconds, "size": out.stat().st_size}), "utf-8")
+
+
+def proxy_errors(model: Path, imatrix: Path, state: Path, files: list[Path]) -> dict[str, float]:
+    """The estimator's total error of each quant file's type mix (from the state file, no rescoring)."""
+    scores = llqx.score(model, imatrix, state=state, progress=False)
+    out: dict[str, float] = {}
+    for f in files:
+        total = 0.0
+        for t in llqx.inspect(f).tensors:
+            c = scores.curves.get(t.name)
+            if c is None:
+                continue
+            if t.type not in c.types:
+                break  # a type the estimator did not score: no proxy for this file
+            total += c.errors[c.types.index(t.type)]
+        else:
+            out[str(f)] = total
+    return out
+
+
+def log_correlation(pairs: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Pearson correlation of log values and Spearman rank correlation."""
+    pairs = [(a, b) for a, b in pairs if a > 0 and b > 0]
+    if len(pairs) < 3:
+        return None
+    x = [math.log(a) for a, _ in pairs]
+    y = [math.log(b) for _, b in pairs]
+
+    def pearson(u: list[float], v: list[float]) -> float:
+        mu, mv = sum(u) / len(u), sum(v) / len(v)
+        cov = sum((a - mu) * (b - mv) for a, b in zip(u, v, strict=True))
+        su = math.sqrt(sum((a - mu) ** 2 for a in u))
+        sv = math.sqrt(sum((b - mv) ** 2 for b in v))
+        return cov / (su * sv) if su > 0 and sv > 0 else float("nan")
+
+    def ranks(u: list[float]) -> list[float]:
+        order = sorted(range(len(u)), key=lambda i: u[i])
+        r = [0.0] * len(u)
+        for k, i in enumerate(order):
+            r[i] = float(k)
+        return r
+
+    return pearson(x, y), pearson(ranks(x), ranks(y))
+
+
 def llqx_quantize_cmd() -> list[str]:
     exe = shutil.which("llqx-quantize")
     if exe:
@@ -201,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--work-dir", default=None, help="quants, imatrix, state (default: $LLQX_CACHE_DIR/bench/<name>)"
     )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the imatrix and recipe quants an earlier run made with the same settings (with its times)",
+    )
+    ap.add_argument("--only-recipes", action="store_true", help="stop after the imatrix and the recipe quants")
     ap.add_argument("--no-eval-cache", action="store_true", help="do not cache the base model's log-probs")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -239,10 +305,16 @@ def run(args: argparse.Namespace) -> int:
         times["imatrix_s"] = 0.0
     else:
         imatrix = work / "imatrix-c4.gguf"
-        log(f"imatrix: {args.calib_chunks} chunks of {args.calib_ctx} tokens of c4 ...")
-        times["imatrix_s"], im_how = build_imatrix(
-            model, imatrix, args.calib_chunks, args.calib_ctx, args.threads
-        )
+        im_settings: dict[str, object] = {"chunks": args.calib_chunks, "ctx": args.calib_ctx, "text": "c4"}
+        earlier = reused(imatrix, im_settings) if args.reuse else None
+        if earlier is not None:
+            times["imatrix_s"], im_how = earlier, "llqx.collect_imatrix, made by an earlier run"
+        else:
+            log(f"imatrix: {args.calib_chunks} chunks of {args.calib_ctx} tokens of c4 ...")
+            times["imatrix_s"], im_how = build_imatrix(
+                model, imatrix, args.calib_chunks, args.calib_ctx, args.threads
+            )
+            record(imatrix, im_settings, times["imatrix_s"])
         log(f"imatrix: {times['imatrix_s']:.1f} s ({im_how})")
 
     # 2. recipes
@@ -251,11 +323,20 @@ def run(args: argparse.Namespace) -> int:
     recipe_times: dict[str, float] = {}
     for r in recipes:
         out = work / f"{name}-{r}.gguf"
-        recipe_times[r] = run_cmd(
-            [quantize, "--imatrix", imatrix, model, out, r, args.threads], f"llama-quantize {r}"
-        )
+        settings: dict[str, object] = {"recipe": r, "threads": args.threads, "imatrix": imatrix.stat().st_size}
+        earlier = reused(out, settings) if args.reuse else None
+        if earlier is None:
+            recipe_times[r] = run_cmd(
+                [quantize, "--imatrix", imatrix, model, out, r, args.threads], f"llama-quantize {r}"
+            )
+            record(out, settings, recipe_times[r])
+        else:
+            recipe_times[r] = earlier
         recipe_files[r] = out
         log(f"recipe {r}: {llqx.inspect(out).bpw:.4f} bpw in {recipe_times[r]:.1f} s")
+
+    if args.only_recipes:
+        return 0
 
     # 3. llqx at each recipe's bpw: one state file, scored once
     llqx_files: dict[str, Path] = {}
@@ -321,6 +402,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             pt.update({"llqx_bpw": None, "llqx_kld": None})
         points.append(pt)
+    proxy: dict[str, float] = {}
+    if not args.skip_llqx:
+        proxy = proxy_errors(model, imatrix, work / "llqx-state.json", [Path(q) for q in quants])
+        for p in points:
+            for prefix, files in (("recipe", recipe_files), ("llqx", llqx_files)):
+                r = str(p["recipe"])
+                if r in files and str(files[r]) in proxy:
+                    p[f"{prefix}_proxy_error"] = proxy[str(files[r])]
+    corr = log_correlation([(proxy[q.path], q.kld_mean.value) for q in result.quants if q.path in proxy])
     ratios = [float(p["kld_ratio"]) for p in points if p.get("kld_ratio")]
     geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios)) if ratios else None
     doc = {
@@ -347,6 +437,7 @@ def run(args: argparse.Namespace) -> int:
         "times": times,
         "llqx_skipped": args.skip_llqx,
         "geomean_kld_ratio_llqx_over_recipe": geo,
+        "proxy_kld_correlation": None if corr is None else {"pearson_log": corr[0], "spearman": corr[1]},
         "points": points,
         "evaluation": result.to_dict(),
     }
@@ -392,6 +483,13 @@ def run(args: argparse.Namespace) -> int:
         md += [
             "",
             f"Geometric mean of KLD(llqx)/KLD(recipe): **{geo:.3f}** (< 1: llqx better at the same size).",
+        ]
+    if corr is not None:
+        md += [
+            "",
+            f"The estimator's total error of each file's type mix against its measured mean KLD, over all "
+            f"{len([q for q in result.quants if q.path in proxy])} quants: Pearson correlation of the logs "
+            f"**{corr[0]:.3f}**, Spearman rank correlation **{corr[1]:.3f}**.",
         ]
     md += ["", "## Model card table", "", markdown_table(result), "", "## Times (s)", ""]
     md.append(

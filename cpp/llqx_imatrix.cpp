@@ -281,6 +281,7 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, s
     if (params.n_gpu_layers >= 0) {
         mparams.n_gpu_layers = params.n_gpu_layers;
     }
+    mparams.use_extra_bufts = params.repack;
     col->model = llama_model_load_from_file(params.model_path.c_str(), mparams);
     if (col->model == nullptr) {
         err = "cannot load model " + params.model_path;

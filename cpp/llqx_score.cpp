@@ -78,7 +78,8 @@ struct score_tensor {
     bool                     loaded = false;
     bool                     failed = false;
     std::vector<float>       data;    // sampled rows as F32
-    std::vector<double>      row_err; // n_cand * rows.size()
+    std::vector<double>      row_den; // per sampled row: expected squared output (candidate-independent)
+    std::vector<double>      row_num; // n_cand * rows.size(): expected squared output error
     int64_t                  remaining = 0;
 };
 
@@ -93,21 +94,6 @@ struct mapped_file {
 };
 
 } // namespace
-
-static double trimmed_mean(std::vector<double> & v, double trim) {
-    if (v.empty()) {
-        return 0.0;
-    }
-    std::sort(v.begin(), v.end());
-    const size_t k = (size_t) std::floor(trim * (double) v.size());
-    const size_t lo = k;
-    const size_t hi = v.size() - k;
-    double sum = 0.0;
-    for (size_t i = lo; i < hi; ++i) {
-        sum += v[i];
-    }
-    return sum / (double) (hi - lo);
-}
 
 int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_job> & jobs,
                        const llqx_score_params & params, std::vector<std::vector<double>> & errors,
@@ -239,17 +225,28 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         const auto & j = jobs[ji];
         score_tensor & st = *tensors[ji];
         const size_t nr = st.rows.size();
-        std::vector<double> out(j.candidates.size(), 0.0);
-        std::vector<double> tmp;
-        for (size_t c = 0; c < j.candidates.size(); ++c) {
-            double total = 0.0;
-            for (int64_t e = 0; e < j.ne[2]; ++e) {
-                const int64_t a = st.expert_first[(size_t) e];
-                const int64_t b = st.expert_first[(size_t) e + 1];
-                tmp.assign(st.row_err.begin() + (int64_t) (c * nr) + a, st.row_err.begin() + (int64_t) (c * nr) + b);
-                total += trimmed_mean(tmp, params.trim) * (double) j.ne[1];
+        const size_t nc = j.candidates.size();
+        const size_t ne2 = (size_t) j.ne[2];
+        // per candidate and expert slice: the slice's summed squared output error, extrapolated from the
+        // sampled rows (an unbiased sum: rows with large outputs weigh more, as they do in the output);
+        // then per slice the summed squared output itself
+        std::vector<double> out((nc + 1) * ne2, 0.0);
+        for (size_t e = 0; e < ne2; ++e) {
+            const int64_t a = st.expert_first[e];
+            const int64_t b = st.expert_first[e + 1];
+            const double scale = b > a ? (double) j.ne[1] / (double) (b - a) : 0.0;
+            for (size_t c = 0; c < nc; ++c) {
+                double sum = 0.0;
+                for (int64_t r = a; r < b; ++r) {
+                    sum += st.row_num[c * nr + (size_t) r];
+                }
+                out[c * ne2 + e] = sum * scale;
             }
-            out[c] = total;
+            double den = 0.0;
+            for (int64_t r = a; r < b; ++r) {
+                den += st.row_den[(size_t) r];
+            }
+            out[nc * ne2 + e] = den * scale;
         }
         st.data.clear();
         st.data.shrink_to_fit();
@@ -258,8 +255,10 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             const uint64_t end   = j.offset + ggml_row_size((ggml_type) j.src_type, j.ne[0]) * (uint64_t) (j.ne[1] * j.ne[2]);
             madvise((void *) (base + begin), (size_t) (end - begin), MADV_DONTNEED);
         }
-        st.row_err.clear();
-        st.row_err.shrink_to_fit();
+        st.row_num.clear();
+        st.row_num.shrink_to_fit();
+        st.row_den.clear();
+        st.row_den.shrink_to_fit();
         std::lock_guard<std::mutex> lock(done_mutex);
         errors[ji] = out;
         if (done != nullptr && !done((int32_t) ji, out.data(), (int32_t) out.size(), (int64_t) nr, user_data)) {
@@ -296,7 +295,23 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
                             ggml_get_type_traits(stype)->to_float(src, dst, ne0);
                         }
                     }
-                    st.row_err.assign(st.rows.size() * j.candidates.size(), 0.0);
+                    st.row_num.assign(st.rows.size() * j.candidates.size(), 0.0);
+                    st.row_den.assign(st.rows.size(), 0.0);
+                    for (size_t r = 0; r < st.rows.size(); ++r) {
+                        const int64_t e = std::upper_bound(st.expert_first.begin(), st.expert_first.end(), (int64_t) r) -
+                                          st.expert_first.begin() - 1;
+                        const float * xr = st.data.data() + r * (size_t) ne0;
+                        const float * v  = j.weights.empty() ? nullptr : j.weights.data() + (size_t) e * (size_t) ne0;
+                        const float * a  = j.activations.empty() ? nullptr : j.activations.data() + (size_t) e * (size_t) ne0;
+                        double den = 0.0, ax = 0.0;
+                        for (int64_t k = 0; k < ne0; ++k) {
+                            den += (v ? (double) v[k] : 1.0) * (double) xr[k] * (double) xr[k];
+                            if (a) {
+                                ax += (double) a[k] * (double) xr[k];
+                            }
+                        }
+                        st.row_den[r] = den + ax * ax;
+                    }
                     st.loaded = true;
                 }
             }
@@ -311,24 +326,19 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             for (int64_t r = 0; r < blk.count; ++r) {
                 tt->to_float(qbuf.data() + (size_t) r * qrow, ybuf.data() + r * ne0, ne0);
             }
-            double * out = st.row_err.data() + (size_t) it.cand * st.rows.size() + (size_t) blk.first;
+            double * out = st.row_num.data() + (size_t) it.cand * st.rows.size() + (size_t) blk.first;
             for (int64_t r = 0; r < blk.count; ++r) {
                 const float * xr = x + r * ne0;
                 const float * yr = ybuf.data() + r * ne0;
-                double num = 0.0, den = 0.0, ae = 0.0, ax = 0.0;
+                double num = 0.0, ae = 0.0;
                 for (int64_t k = 0; k < ne0; ++k) {
-                    const double d  = (double) yr[k] - (double) xr[k];
-                    const double w  = v ? (double) v[k] : 1.0;
-                    num += w * d * d;
-                    den += w * (double) xr[k] * (double) xr[k];
+                    const double d = (double) yr[k] - (double) xr[k];
+                    num += (v ? (double) v[k] : 1.0) * d * d;
                     if (a) {
                         ae += (double) a[k] * d;
-                        ax += (double) a[k] * (double) xr[k];
                     }
                 }
-                num += ae * ae;
-                den += ax * ax;
-                out[r] = den > 0.0 ? num / den : 0.0;
+                out[r] = num + ae * ae;
             }
             bool last = false;
             {

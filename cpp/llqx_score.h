@@ -22,11 +22,12 @@ struct llqx_score_params {
     int32_t nthread         = 1;
     int64_t sample_elements = 1 << 20; // elements sampled per tensor (split over its experts)
     int64_t min_rows        = 16;      // rows sampled per expert slice at least (all when fewer)
-    double  trim            = 0.02;    // fraction of rows dropped at each end of the robust mean
 };
 
-// called (serialized, from any thread) when one job's curve is complete: errors[i] belongs to
-// candidates[i]; returning false cancels the run
+// called (serialized, from any thread) when one job's curve is complete. errors holds
+// (n_candidates + 1) * n_expert values: errors[c * n_expert + e] is the summed expected squared output
+// error of expert slice e under candidates[c] (extrapolated from the sampled rows to the whole slice),
+// errors[n_candidates * n_expert + e] the slice's summed expected squared output. Returning false cancels.
 typedef bool (*llqx_score_done_t)(int32_t job, const double * errors, int32_t n_errors, int64_t n_rows_sampled,
                                   void * user_data);
 
@@ -34,7 +35,7 @@ typedef bool (*llqx_score_done_t)(int32_t job, const double * errors, int32_t n_
 void llqx_score_sample_rows(const std::string & name, int32_t expert, int64_t n_rows, int64_t n_sample,
                             std::vector<int64_t> & rows);
 
-// scores every job; errors[j] receives job j's per-candidate errors (empty when the job did not finish).
+// scores every job; errors[j] receives job j's values as passed to done (empty when the job did not finish).
 // Returns 1 when complete, 0 when cancelled (by the flag or the callback), -1 with err set on failure.
 int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_job> & jobs,
                        const llqx_score_params & params, std::vector<std::vector<double>> & errors,

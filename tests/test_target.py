@@ -21,7 +21,7 @@ from conftest import subprocess_env
 from llqx import _core
 from llqx.imatrix import Imatrix
 from llqx.optimizer import allocate
-from llqx.scoring import MIN_ROWS, TRIM, score, tensor_candidates
+from llqx.scoring import MIN_ROWS, score, tensor_candidates
 from llqx.target_cli import parse_size, run_target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,21 +114,25 @@ def _range(scores: llqx.Scores) -> tuple[float, float]:
 # ---- scorer --------------------------------------------------------------------------------------
 
 
-def _reference_error(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int, sample: int) -> float:
-    """The method.md §2 estimator in numpy on the same sampled rows (quantization via ggml row calls)."""
+def _reference_sums(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int, sample: int) -> tuple[float, float]:
+    """The method.md §2 estimator in numpy on the same sampled rows (quantization via ggml row calls):
+    expected squared output error and expected squared output of the tensor, expert slices weighted by
+    their share of the imatrix counts."""
     t = model.tensor(name)
     ne0, ne1 = t.shape[0], t.shape[1]
     ne2 = t.shape[2] if len(t.shape) > 2 else 1
     src = np.memmap(model.path, dtype=np.float16, mode="r", offset=t.offset, shape=(ne2, ne1, ne0))
     v_all = im.values(name)
     a_all = im.activations(name)
+    counts = np.asarray(im.entries[name].counts, dtype=np.float64).reshape(-1)
+    share = counts / counts.sum() if ne2 > 1 else np.ones(1)
     per_expert = max(MIN_ROWS, (sample // ne2 + ne0 - 1) // ne0)
-    total = 0.0
+    err_total = energy_total = 0.0
     for e in range(ne2):
         rows = _core.score_sample_rows(name, e, ne1, per_expert)
         x = np.asarray(src[e, rows], dtype=np.float32)
-        v = v_all[e]
-        y = _core.dequantize_rows(type_id, _core.quantize_rows(type_id, x, v), ne0).astype(np.float64)
+        v = v_all[e].astype(np.float64)
+        y = _core.dequantize_rows(type_id, _core.quantize_rows(type_id, x, v_all[e]), ne0).astype(np.float64)
         d = y - x
         num = (d * d * v).sum(1)
         den = (x.astype(np.float64) ** 2 * v).sum(1)
@@ -136,25 +140,44 @@ def _reference_error(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int
             a = a_all[e].astype(np.float64)
             num += (d @ a) ** 2
             den += (x @ a) ** 2
-        err = np.sort(np.where(den > 0, num / np.where(den > 0, den, 1), 0.0))
-        k = int(np.floor(TRIM * len(err)))
-        total += float(err[k : len(err) - k].mean()) * ne1
-    return total
+        err_total += share[e] * num.sum() * ne1 / len(rows)
+        energy_total += share[e] * den.sum() * ne1 / len(rows)
+    return err_total, energy_total
 
 
 def test_scorer_matches_numpy_reference(
     smol_scores: llqx.Scores, moe_scores: llqx.Scores, smol_imatrix: Path, moe_imatrix: Path
 ) -> None:
-    for scores, imf, names in (
-        (smol_scores, smol_imatrix, ["blk.3.ffn_down.weight", "blk.5.attn_v.weight"]),
-        (moe_scores, moe_imatrix, ["blk.2.ffn_down_exps.weight"]),
+    # ffn_down writes into the residual stream: its own squared output error; attn_v and ffn_gate_exps
+    # feed a block: their relative error times the energy of the block's writer
+    for scores, imf, name, writer in (
+        (smol_scores, smol_imatrix, "blk.3.ffn_down.weight", None),
+        (smol_scores, smol_imatrix, "blk.5.attn_v.weight", "blk.5.attn_output.weight"),
+        (moe_scores, moe_imatrix, "blk.2.ffn_down_exps.weight", None),
+        (moe_scores, moe_imatrix, "blk.2.ffn_gate_exps.weight", "blk.2.ffn_down_exps.weight"),
     ):
         im = Imatrix.load(imf)
-        for name in names:
-            c = scores.curves[name]
-            for tid, err in zip(c.types, c.errors, strict=True):
-                ref = _reference_error(scores.model, im, name, tid, SAMPLE)
-                assert err == pytest.approx(ref, rel=1e-6, abs=1e-12), (name, llqx.ggml_type(tid).name)
+        c = scores.curves[name]
+        w_energy = 0.0
+        if writer is not None:
+            f16 = llqx.ggml_type("F16").id
+            w_energy = _reference_sums(scores.model, im, writer, f16, SAMPLE)[1]
+        for tid, err in zip(c.types, c.errors, strict=True):
+            ref, energy = _reference_sums(scores.model, im, name, tid, SAMPLE)
+            if writer is not None:
+                ref = ref / energy * w_energy
+            assert err == pytest.approx(ref, rel=1e-6, abs=1e-12), (name, llqx.ggml_type(tid).name)
+
+
+def test_output_head_weighs_against_the_residual_stream(smol_scores: llqx.Scores) -> None:
+    # SmolLM2 ties its embeddings: token_embd is also the output head, so an error there must cost
+    # more than the same relative error of any single block tensor
+    te = smol_scores.curves["token_embd.weight"]
+    q4 = llqx.ggml_type("Q4_0").id
+    rel_te = te.errors[te.types.index(q4)]
+    for name in ("blk.0.ffn_down.weight", "blk.29.attn_v.weight", "blk.10.ffn_up.weight"):
+        c = smol_scores.curves[name]
+        assert rel_te > c.errors[c.types.index(q4)], name
 
 
 def test_candidates_follow_the_width_fallback(smol_scores: llqx.Scores) -> None:

@@ -71,6 +71,7 @@ void bind_imatrix(py::module_ & m) {
         .def_readwrite("n_ubatch", &llqx_imatrix_params::n_ubatch)
         .def_readwrite("n_threads", &llqx_imatrix_params::n_threads)
         .def_readwrite("n_gpu_layers", &llqx_imatrix_params::n_gpu_layers)
+        .def_readwrite("repack", &llqx_imatrix_params::repack)
         .def_readwrite("process_output", &llqx_imatrix_params::process_output)
         .def_readwrite("compute_ppl", &llqx_imatrix_params::compute_ppl);
 

@@ -53,7 +53,7 @@ static std::vector<float> float_vector(py::object obj, const char * what, const 
 }
 
 static py::object score_run(const std::string & path, py::list jobs_in, int32_t nthread, int64_t sample_elements,
-                            int64_t min_rows, double trim, py::object callback, std::shared_ptr<score_cancel> cancel) {
+                            int64_t min_rows, py::object callback, std::shared_ptr<score_cancel> cancel) {
     std::vector<llqx_score_job> jobs;
     jobs.reserve(jobs_in.size());
     for (py::handle h : jobs_in) {
@@ -79,7 +79,6 @@ static py::object score_run(const std::string & path, py::list jobs_in, int32_t 
     params.nthread         = nthread;
     params.sample_elements = sample_elements;
     params.min_rows        = min_rows;
-    params.trim            = trim;
 
     done_context ctx;
     ctx.callback = callback;
@@ -122,7 +121,7 @@ void bind_score(py::module_ & m) {
     }, py::arg("name"), py::arg("expert"), py::arg("n_rows"), py::arg("n_sample"),
        "the rows the scorer samples from one expert slice");
     m.def("score_run", &score_run, py::arg("path"), py::arg("jobs"), py::arg("nthread") = 1,
-          py::arg("sample_elements") = 1 << 20, py::arg("min_rows") = 16, py::arg("trim") = 0.02,
+          py::arg("sample_elements") = 1 << 20, py::arg("min_rows") = 16,
           py::arg("callback") = py::none(), py::arg("cancel") = nullptr,
           "score tensors of a GGUF: jobs are dicts (name, src_type, ne[3], offset, candidates, weights, "
           "activations, sample_elements); callback(job, errors, n_rows) -> bool runs as each finishes. Returns "

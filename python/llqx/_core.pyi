@@ -88,6 +88,7 @@ class ImatrixParams:
     n_ubatch: int
     n_threads: int
     n_gpu_layers: int
+    repack: bool
     process_output: bool
     compute_ppl: bool
     def __init__(self) -> None: ...
@@ -123,7 +124,6 @@ def score_run(
     nthread: int = 1,
     sample_elements: int = 1048576,
     min_rows: int = 16,
-    trim: float = 0.02,
     callback: Callable[[int, npt.NDArray[np.float64], int], bool | None] | None = None,
     cancel: ScoreCancel | None = None,
 ) -> tuple[bool, list[npt.NDArray[np.float64] | None]]: ...

@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("-t", "--threads", type=int, default=None, help=f"threads (default {default_threads()})")
     p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="ngl", type=int, default=-1,
                    help="layers to offload to a GPU (-1: llama.cpp's default)")
+    p.add_argument("--repack", action="store_true",
+                   help="enable ggml's CPU weight repacking (off by default: its AMX path crashes on Q8_0/Q4_0)")
     p.add_argument("--chunks", type=int, default=-1, help="maximum number of chunks (-1: all)")
     p.add_argument("--chunk", "--from-chunk", dest="skip", type=int, default=0,
                    help="skip this many chunks at the start of the text")
@@ -149,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
 
     threads = args.threads if args.threads and args.threads > 0 else default_threads()
     col = ImatrixCollector(model_path, n_ctx=args.ctx, n_batch=args.batch, n_ubatch=args.ubatch,
-                           threads=threads, n_gpu_layers=args.ngl, process_output=args.process_output,
-                           compute_ppl=not args.no_ppl)
+                           threads=threads, n_gpu_layers=args.ngl, repack=args.repack,
+                           process_output=args.process_output, compute_ppl=not args.no_ppl)
     text = text_path.read_bytes()
     if text.endswith(b"\n"):
         text = text[:-1]  # llama.cpp's -f drops one trailing newline

@@ -77,7 +77,7 @@ class ImatrixCollector:
 
     def __init__(self, model: str | os.PathLike[str], *, n_ctx: int = 512, n_batch: int = 2048,
                  n_ubatch: int = 512, threads: int | None = None, n_gpu_layers: int = -1,
-                 process_output: bool = False, compute_ppl: bool = True) -> None:
+                 process_output: bool = False, compute_ppl: bool = True, repack: bool = False) -> None:
         path = Path(model)
         if not path.is_file():
             raise LlqxError(f"model not found: {path}")
@@ -92,6 +92,7 @@ class ImatrixCollector:
         p.n_ubatch = n_ubatch
         p.n_threads = threads if threads and threads > 0 else default_threads()
         p.n_gpu_layers = n_gpu_layers
+        p.repack = repack
         p.process_output = process_output
         p.compute_ppl = compute_ppl
         _log.recent_errors.clear()
@@ -188,6 +189,7 @@ def collect_imatrix(model: str | os.PathLike[str], text: str | bytes | None = No
                     n_ubatch: int = 512, threads: int | None = None, n_gpu_layers: int = -1,
                     chunks: int = -1, skip_chunks: int = 0, process_output: bool = False,
                     parse_special: bool = False, compute_ppl: bool = True, dataset: str | None = None,
+                    repack: bool = False,
                     progress: Callable[[ImatrixProgress], bool | None] | None = None) -> Imatrix:
     """Run model over text (or token ids) like llama-imatrix and return Σx², Σx and counts per weight.
 
@@ -198,7 +200,8 @@ def collect_imatrix(model: str | os.PathLike[str], text: str | bytes | None = No
     if (text is None) == (tokens is None):
         raise LlqxError("give either text or tokens")
     col = ImatrixCollector(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, threads=threads,
-                           n_gpu_layers=n_gpu_layers, process_output=process_output, compute_ppl=compute_ppl)
+                           n_gpu_layers=n_gpu_layers, process_output=process_output, compute_ppl=compute_ppl,
+                           repack=repack)
     ids = col.tokenize(text, parse_special) if text is not None else np.asarray(tokens, dtype=np.int32)
     n_chunk = plan_chunks(int(ids.size), n_ctx, chunks, skip_chunks)
     ids = ids[skip_chunks * n_ctx:]

@@ -55,14 +55,13 @@ CANDIDATES = (
     "Q8_0",
     "F16",
 )
-SCORING_VERSION = 1
+SCORING_VERSION = 2
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
 # the estimate is a per-row mean, so it needs rows from all over the tensor more than many rows
 SAMPLE_FRACTION = 1 / 32
 SAMPLE_FLOOR = 1 << 15
 SAMPLE_CAP = 1 << 18
 MIN_ROWS = 16  # per expert slice (all rows when it has fewer)
-TRIM = 0.02  # robust mean: drop this fraction of rows at each end
 
 # tensor_type_fallback in llama-quant.cpp (b11312)
 _FALLBACK = {
@@ -251,6 +250,86 @@ def _imatrix_hash(im: Imatrix | None, tensors: Sequence[TensorInfo]) -> str:
         if a is not None:
             h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _expert_weights(im: Imatrix | None, name: str, n_expert: int) -> np.ndarray:
+    """Share of the tokens each expert slice sees (imatrix counts), uniform without them."""
+    if im is not None and name in im.entries and n_expert > 1:
+        c = np.asarray(im.entries[name].counts, dtype=np.float64).reshape(-1)
+        if c.size == n_expert and c.sum() > 0:
+            return c / c.sum()
+    return np.full(n_expert, 1.0 / n_expert)
+
+
+def _combine_experts(values: np.ndarray, n_cand: int, weights: np.ndarray) -> tuple[list[float], float]:
+    """The scorer's per-slice sums (see llqx_score.h) as one expected error per candidate, and energy."""
+    v = np.asarray(values, dtype=np.float64).reshape(n_cand + 1, weights.size)
+    per = v @ weights
+    return [float(x) for x in per[:n_cand]], float(per[n_cand])
+
+
+_BLOCK_INPUT = re.compile(r"^(blk\.\d+\.)(attn|ffn)_(\w+?)\.weight$")
+
+
+def _writer_of(name: str, names: set[str]) -> str | None:
+    """The tensor that writes the result of the block this tensor feeds into the residual stream:
+    attn_q/k/v → attn_output, ffn_gate/up(_exps|_shexp) → ffn_down(_exps|_shexp); None for writers
+    and tensors outside that pattern."""
+    m = _BLOCK_INPUT.match(name)
+    if m is None:
+        return None
+    prefix, block, rest = m.groups()
+    if block == "attn":
+        w = prefix + "attn_output.weight"
+        return w if rest != "output" and w in names else None
+    if rest.startswith("down"):
+        return None
+    for suffix in ("_exps", "_shexp", "_chexp"):
+        if rest.endswith(suffix) and prefix + "ffn_down" + suffix + ".weight" in names:
+            return prefix + "ffn_down" + suffix + ".weight"
+    w = prefix + "ffn_down.weight"
+    return w if w in names else None
+
+
+def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix: bool) -> dict[str, float]:
+    """Multipliers that put every tensor's expected squared output error into one unit: squared error
+    added to the residual stream per token.
+
+    A tensor that writes into the residual stream (attn_output, ffn_down) counts with its own expected
+    squared output error. A tensor that feeds a block (attn_q/k/v, ffn_gate/up) counts with its
+    relative output error times the energy its block writes, since a relative error there becomes about
+    the same relative error of the block's output. An embedding row is read once per token, so it counts
+    per row. output.weight errs on the logits directly: its relative error counts against the whole
+    residual stream's energy (what the logits are computed from); a model without output.weight reads
+    its logits through token_embd, which then counts in both roles. Without an imatrix the energies are in
+    weight units, not comparable: every tensor then counts with its relative error.
+    """
+    names = set(scored)
+
+    def rel(n: str) -> float:
+        e = scored[n].energy
+        return 1.0 / e if e > 0 else 0.0
+
+    if not has_imatrix:
+        return {n: rel(n) for n in names}
+    out: dict[str, float] = {}
+    residual = 0.0
+    for n in names:
+        if n in _TOKEN_EMBD:
+            rows = _shape3(info.tensor(n))[1] * _shape3(info.tensor(n))[2]
+            out[n] = 1.0 / rows
+            residual += scored[n].energy / rows
+        elif n != "output.weight" and _writer_of(n, names) is None:
+            out[n] = 1.0
+            residual += scored[n].energy
+    for n in names:
+        w = _writer_of(n, names)
+        if w is not None:
+            out[n] = rel(n) * scored[w].energy
+    head = "output.weight" if "output.weight" in names else "token_embd.weight"
+    if head in names:
+        out[head] = out.get(head, 0.0) + rel(head) * residual
+    return out
 
 
 @dataclass
@@ -460,7 +539,6 @@ def score(
             "floor": SAMPLE_FLOOR,
             "cap": SAMPLE_CAP,
             "min_rows": MIN_ROWS,
-            "trim": TRIM,
         },
     }
     st = load_state(None if state is None else Path(state), key)
@@ -472,12 +550,13 @@ def score(
     if todo:
         _run_scoring(info, im, todo, cands, st, nthread, sample_elements, progress)
 
+    weights = output_weights(info, {t.name: st.tensors[t.name] for t in quantizable}, im is not None)
     curves: dict[str, TensorCurve] = {}
     for t in quantizable:
         s = st.tensors[t.name]
         types = cands[t.name]
         curves[t.name] = TensorCurve(
-            t.name, t.n_elements, types, [tensor_nbytes(x, t) for x in types], list(s.errors)
+            t.name, t.n_elements, types, [tensor_nbytes(x, t) for x in types], [e * weights[t.name] for e in s.errors]
         )
     kvs = [] if im is None else imatrix_kv_overrides(select_imatrix(im), label or "")
     meta = int(_core.layout_meta_size(info.path, kvs, 7))
@@ -495,8 +574,10 @@ def _run_scoring(
     progress: bool,
 ) -> None:
     jobs = []
+    expert_weights = []
     for t in todo:
         ne0, ne1, ne2 = _shape3(t)
+        expert_weights.append(_expert_weights(im, t.name, ne2))
         w, a = _importance(im, t)
         job: dict[str, object] = {
             "name": t.name,
@@ -546,11 +627,10 @@ def _run_scoring(
         task = bar.add_task("scoring", total=len(jobs), name="")
         bar.start()
 
-    def on_done(j: int, errors: np.ndarray, rows: int) -> bool:
+    def on_done(j: int, values: np.ndarray, rows: int) -> bool:
         t = todo[j]
-        st.tensors[t.name] = TensorScore(
-            [ggml_type(x).name for x in cands[t.name]], [float(e) for e in errors], int(rows)
-        )
+        errors, energy = _combine_experts(values, len(cands[t.name]), expert_weights[j])
+        st.tensors[t.name] = TensorScore([ggml_type(x).name for x in cands[t.name]], errors, int(rows), energy)
         if bar is not None and task is not None:
             bar.update(task, advance=1, name=t.name)
         now = time.monotonic()
@@ -569,7 +649,6 @@ def _run_scoring(
                 nthread=nthread,
                 sample_elements=SAMPLE_CAP,
                 min_rows=MIN_ROWS,
-                trim=TRIM,
                 callback=on_done,
                 cancel=cancel,
             )

@@ -23,11 +23,13 @@ STATE_FORMAT = "llqx-state"
 
 @dataclass
 class TensorScore:
-    """One tensor's curve: candidate type names and their errors (same order)."""
+    """One tensor's curve: candidate type names and their expected squared output errors (same order),
+    and the expected squared output itself (``energy``)."""
 
     types: list[str]
     errors: list[float]
     rows: int = 0
+    energy: float = 0.0
 
 
 @dataclass
@@ -42,7 +44,8 @@ class ScoreState:
                 "format": STATE_FORMAT,
                 "key": self.key,
                 "tensors": {
-                    n: {"types": t.types, "errors": t.errors, "rows": t.rows} for n, t in self.tensors.items()
+                    n: {"types": t.types, "errors": t.errors, "rows": t.rows, "energy": t.energy}
+                    for n, t in self.tensors.items()
                 },
             },
             indent=0,
@@ -107,11 +110,12 @@ def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
             types = [str(x) for x in t["types"]]
             errors = [float(x) for x in t["errors"]]
             rows = int(t.get("rows", 0))
+            energy = float(t.get("energy", 0.0))
         except (KeyError, TypeError, ValueError):
             log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
             continue
-        if len(types) != len(errors) or not all(e == e and e >= 0.0 for e in errors):
+        if len(types) != len(errors) or not all(e == e and e >= 0.0 for e in [*errors, energy]):
             log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
             continue
-        state.tensors[str(name)] = TensorScore(types, errors, rows)
+        state.tensors[str(name)] = TensorScore(types, errors, rows, energy)
     return state
