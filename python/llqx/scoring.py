@@ -456,8 +456,8 @@ class Scores:
         self.curves = self.scorer.curves()
 
     def _widen(self, plan: Plan, floors: dict[str, float]) -> bool:
-        """Lower a tensor's floor to its next grid type when its pick is the cheapest type at or above
-        the floor, or under it: every type from the floor up is planned over, so a pick above the
+        """Lower a tensor's floor to its next grid type when its pick is the cheapest of the types above
+        the highest grid type left out (all of them are planned over), or under it: a pick above the
         cheapest of them is bracketed by scored types, but at the bottom an unscored grid type could be
         the better pick."""
         grew = False
@@ -465,12 +465,14 @@ class Scores:
         for pt in plan.tensors:
             if pt.name not in floors:
                 continue
-            f = floors[pt.name]
             bpw = dict(zip(self.candidates[pt.name], self._bpw_of(pt.name), strict=True))
-            covered = [v for v in bpw.values() if v >= f]
-            excluded = [v for x, v in bpw.items() if x in lazy and v < f]
-            if excluded and (not covered or bpw[pt.type] <= min(covered)):
-                floors[pt.name] = max(excluded)
+            excluded = [v for x, v in bpw.items() if x in lazy and v < floors[pt.name]]
+            if not excluded:
+                continue
+            top = max(excluded)
+            covered = [v for v in bpw.values() if v > top]
+            if not covered or bpw[pt.type] <= min(covered):
+                floors[pt.name] = top
                 grew = True
         return grew
 
@@ -547,6 +549,7 @@ def score(
     sample_elements: int | None = None,
     progress: bool = True,
     candidates: str = "all",
+    imatrix_label: str | None = None,
 ) -> Scores:
     """Score every quantizable tensor of a GGUF model under its candidate types.
 
@@ -556,7 +559,8 @@ def score(
     from and save to (scoring is saved there on Ctrl+C, and a later call with the same model and
     imatrix skips what it holds). ``candidates``: ``"all"`` scores every candidate type now;
     ``"window"`` scores nothing yet: each ``plan()`` scores the types near its target (more when a
-    tensor's pick lands at the edge of them), adding them to the state file.
+    tensor's pick lands at the edge of them), adding them to the state file. ``imatrix_label``: the
+    name recorded in the output for an Imatrix object (a path names itself).
     """
     if candidates not in CANDIDATE_MODES:
         raise LlqxError(f"unknown candidates mode '{candidates}' (use {' or '.join(CANDIDATE_MODES)})")
@@ -566,9 +570,9 @@ def score(
     if imatrix is None:
         im, label = None, None
     elif isinstance(imatrix, Imatrix):
-        im, label = imatrix, ""
+        im, label = imatrix, imatrix_label or ""
     else:
-        im, label = Imatrix.load(imatrix), os.fspath(imatrix)
+        im, label = Imatrix.load(imatrix), imatrix_label or os.fspath(imatrix)
     if im is not None:
         _check_imatrix(info, im)
         if not im.has_activations:
