@@ -1,13 +1,17 @@
 """Speed and memory of `--target-bpw` against plain upstream llama-quantize Q4_K_M, same model and threads.
 
-One invocation measures, in this order and under /usr/bin/time -v:
+One invocation measures, under /usr/bin/time -v and --repeat times in turn (medians reported):
   1. upstream llama-quantize --imatrix IM MODEL out Q4_K_M T            (the baseline)
   2. llqx target mode, cold (fresh state file), at the bpw upstream's Q4_K_M landed on
   3. llqx target mode, warm (same state file: no scoring)
+  4. upstream llama-quantize writing llqx's mix (--pure, one anchored --tensor-type-file entry per
+     tensor, base Q8_0): what llama.cpp alone takes for the types llqx chose, so warm ÷ this is
+     llqx's own overhead (quantizing some types, e.g. Q4_1 with an imatrix, is 4x slower than others)
 and writes ratios (wall time and peak RSS, llqx ÷ upstream) to benchmarks/results/target_speed.json
-(merged by model name). Goals: cold ≤ 2.0, warm ≤ 1.1, RSS ≤ 1.25.
+(merged by model name). Goals: cold ≤ 2.0, warm ≤ 1.1, RSS ≤ 1.25 (against Q4_K_M).
 
-    python benchmarks/target_speed.py --model M.gguf [--imatrix IM.gguf] [--threads 2]
+    python benchmarks/target_speed.py --model M.gguf [--imatrix IM.gguf] [--threads 2] [--repeat 3]
+    [--candidates window|all] [--llqx-root OLD/python] [--results R.json]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +32,8 @@ sys.path.insert(0, str(REPO / "python"))
 
 import llqx  # noqa: E402
 from llqx import data  # noqa: E402
+from llqx.plan import anchored_pattern  # noqa: E402
+from llqx.scoring import tensor_is_quantizable  # noqa: E402
 
 # child processes import the same llqx as this script (installed, or python/ of a dev build)
 LLQX_ROOT = str(Path(data.__file__).resolve().parent.parent)
@@ -63,6 +70,15 @@ def main() -> int:
         "--imatrix", type=Path, default=None, help="imatrix (default: made with llama-imatrix on c4)"
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each command, in turn (medians)")
+    ap.add_argument(
+        "--candidates", choices=("window", "all"), default=None, help="llqx's --candidates (default: its own)"
+    )
+    ap.add_argument(
+        "--llqx-root",
+        default=LLQX_ROOT,
+        help="the folder holding the llqx package the timed runs import (e.g. an older build's python/)",
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "target_speed.json")
     args = ap.parse_args()
@@ -96,25 +112,23 @@ def main() -> int:
         )
 
     up_out = work / "upstream-q4_k_m.gguf"
-    up_wall, up_rss = timed(
-        [
-            str(tool("llama-quantize")),
-            "--imatrix",
-            str(imatrix),
-            str(model),
-            str(up_out),
-            "Q4_K_M",
-            str(args.threads),
-        ]
-    )
+    upstream = [
+        str(tool("llama-quantize")),
+        "--imatrix",
+        str(imatrix),
+        str(model),
+        str(up_out),
+        "Q4_K_M",
+        str(args.threads),
+    ]
+    subprocess.run(upstream, check=True, capture_output=True)
     target = round(llqx.inspect(up_out).bpw, 4)
     up_out.unlink()
 
     env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([LLQX_ROOT, os.environ.get("PYTHONPATH", "")])
+        os.environ, PYTHONPATH=os.pathsep.join([args.llqx_root, os.environ.get("PYTHONPATH", "")])
     )
     state = work / "bench.llqx-state"
-    state.unlink(missing_ok=True)
     out = work / "llqx-target.gguf"
     cmd = [
         sys.executable,
@@ -130,26 +144,77 @@ def main() -> int:
         str(args.threads),
         "--state-file",
         str(state),
+        *(["--candidates", args.candidates] if args.candidates else []),
         "--quiet",
     ]
-    cold_wall, cold_rss = timed(cmd, env)
-    got = llqx.inspect(out).bpw
-    out.unlink()
-    warm_wall, warm_rss = timed(cmd, env)
-    out.unlink()
+    mix = work / "llqx-mix.txt"
+    mix_out = work / "upstream-mix.gguf"
+    same_mix = [
+        str(tool("llama-quantize")),
+        "--imatrix",
+        str(imatrix),
+        "--pure",
+        "--tensor-type-file",
+        str(mix),
+        str(model),
+        str(mix_out),
+        "Q8_0",
+        str(args.threads),
+    ]
+    runs: dict[str, list[tuple[float, int]]] = {"upstream": [], "cold": [], "warm": [], "same_mix": []}
+    got = 0.0
+    for _ in range(args.repeat):
+        runs["upstream"].append(timed(upstream))
+        up_out.unlink()
+        state.unlink(missing_ok=True)
+        runs["cold"].append(timed(cmd, env))
+        info = llqx.inspect(out)
+        got = info.bpw
+        arch = info.architecture
+        mix.write_text(
+            "".join(
+                f"{anchored_pattern(t.name)}={t.type_name}\n"
+                for t in info.tensors
+                if tensor_is_quantizable(t.name, len(t.shape), arch)
+            ),
+            encoding="utf-8",
+        )
+        out.unlink()
+        runs["warm"].append(timed(cmd, env))
+        written = {t.name: t.type for t in llqx.inspect(out).tensors}
+        out.unlink()
+        runs["same_mix"].append(timed(same_mix))
+        if {t.name: t.type for t in llqx.inspect(mix_out).tensors} != written:
+            raise SystemExit("upstream did not write llqx's mix: the same-mix baseline is not comparable")
+        mix_out.unlink()
 
+    def med(k: str, i: int) -> float:
+        return statistics.median(r[i] for r in runs[k])
+
+    up_wall, up_rss = med("upstream", 0), med("upstream", 1)
+    cold_wall, cold_rss = med("cold", 0), med("cold", 1)
+    warm_wall, warm_rss = med("warm", 0), med("warm", 1)
+    mix_wall, mix_rss = med("same_mix", 0), med("same_mix", 1)
     row = {
         "model": Path(model).name,
         "threads": args.threads,
+        "candidates": args.candidates or "default",
+        "llqx_root": args.llqx_root,
+        "repeat": args.repeat,
         "target_bpw": target,
         "achieved_bpw": got,
-        "upstream_q4_k_m": {"wall_s": round(up_wall, 2), "peak_rss_kib": up_rss},
-        "llqx_cold": {"wall_s": round(cold_wall, 2), "peak_rss_kib": cold_rss},
-        "llqx_warm": {"wall_s": round(warm_wall, 2), "peak_rss_kib": warm_rss},
+        "upstream_q4_k_m": {"wall_s": round(up_wall, 2), "peak_rss_kib": int(up_rss)},
+        "llqx_cold": {"wall_s": round(cold_wall, 2), "peak_rss_kib": int(cold_rss)},
+        "llqx_warm": {"wall_s": round(warm_wall, 2), "peak_rss_kib": int(warm_rss)},
+        "upstream_same_mix": {"wall_s": round(mix_wall, 2), "peak_rss_kib": int(mix_rss)},
+        "runs_wall_s": {k: [round(w, 2) for w, _ in v] for k, v in runs.items()},
         "ratio_cold_time": round(cold_wall / up_wall, 3),
         "ratio_warm_time": round(warm_wall / up_wall, 3),
         "ratio_cold_rss": round(cold_rss / up_rss, 3),
         "ratio_warm_rss": round(warm_rss / up_rss, 3),
+        "ratio_mix_time": round(mix_wall / up_wall, 3),
+        "ratio_warm_vs_same_mix": round(warm_wall / mix_wall, 3),
+        "ratio_cold_vs_same_mix": round(cold_wall / mix_wall, 3),
         "goals": {"cold_time": 2.0, "warm_time": 1.1, "rss": 1.25},
         "load_average_1min": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

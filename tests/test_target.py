@@ -21,7 +21,7 @@ from conftest import subprocess_env
 from llqx import _core
 from llqx.imatrix import Imatrix
 from llqx.optimizer import allocate
-from llqx.scoring import MIN_ROWS, score, tensor_candidates
+from llqx.scoring import LAZY_TYPES, MIN_ROWS, score, tensor_candidates
 from llqx.target_cli import parse_size, run_target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,13 +94,23 @@ def moe_imatrix(
 
 
 @pytest.fixture(scope="session")
-def smol_scores(smollm2_f16: Path, smol_imatrix: Path) -> llqx.Scores:
-    return score(smollm2_f16, smol_imatrix, nthread=2, sample_elements=SAMPLE, progress=False)
+def states(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's full scorings keep their state files (window-mode tests reuse them)."""
+    return tmp_path_factory.mktemp("states")
 
 
 @pytest.fixture(scope="session")
-def moe_scores(moe_f16: Path, moe_imatrix: Path) -> llqx.Scores:
-    return score(moe_f16, moe_imatrix, nthread=2, sample_elements=SAMPLE, progress=False)
+def smol_scores(smollm2_f16: Path, smol_imatrix: Path, states: Path) -> llqx.Scores:
+    return score(
+        smollm2_f16, smol_imatrix, state=states / "smol", nthread=2, sample_elements=SAMPLE, progress=False
+    )
+
+
+@pytest.fixture(scope="session")
+def moe_scores(moe_f16: Path, moe_imatrix: Path, states: Path) -> llqx.Scores:
+    return score(
+        moe_f16, moe_imatrix, state=states / "moe", nthread=2, sample_elements=SAMPLE, progress=False
+    )
 
 
 def _range(scores: llqx.Scores) -> tuple[float, float]:
@@ -385,6 +395,7 @@ def _args(**kw: object) -> argparse.Namespace:
         "json": False,
         "quiet": True,
         "score_elements": SAMPLE,
+        "candidates": "window",
     }
     base.update(kw)
     return argparse.Namespace(**base)
@@ -510,3 +521,132 @@ def test_sigint_resume_and_threads_give_identical_files(
     )
     assert out.read_bytes() == ref.read_bytes()
     assert llqx.inspect(out).bpw <= 8.5
+
+
+# ---- window mode: grid types scored only near the target -------------------------------------------
+
+LAZY = {llqx.ggml_type(n).id for n in LAZY_TYPES}
+
+
+def _forbid_scoring(mp: pytest.MonkeyPatch) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("scored although the state file holds every curve it needs")
+
+    mp.setattr(_core, "score_run", boom)
+
+
+@pytest.mark.parametrize("which", ["smol", "moe"])
+def test_window_plans_fit_and_never_beat_full_plans(
+    which: str,
+    tmp_path: Path,
+    smollm2_f16: Path,
+    smol_imatrix: Path,
+    smol_scores: llqx.Scores,
+    moe_f16: Path,
+    moe_imatrix: Path,
+    moe_scores: llqx.Scores,
+    states: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, imf, full = (smollm2_f16, smol_imatrix, smol_scores) if which == "smol" else (
+        moe_f16, moe_imatrix, moe_scores)
+    state = tmp_path / "state"
+    state.write_bytes((states / which).read_bytes())
+    with monkeypatch.context() as mp:
+        _forbid_scoring(mp)  # the full scoring's state file holds every pair the window can ask for
+        win = score(model, imf, state=state, nthread=2, sample_elements=SAMPLE, progress=False,
+                    candidates="window")
+        lo, hi = _range(full)
+        targets = [lo + 0.05, lo + 0.3, 4.5, 5.0, 6.0, 8.0, hi - 1.0]
+        cases: list[dict[str, object]] = [{"target_bpw": t} for t in targets if lo < t < hi]
+        cases += [
+            {"target_size": parse_size("75M")},
+            {"target_bpw": 6.0, "tensor_types": [("ffn_up", "q8_0")], "token_embedding_type": "q4_0"},
+        ]
+        for kw in cases:
+            a = full.plan(**kw)  # type: ignore[arg-type]
+            b = win.plan(**kw)  # type: ignore[arg-type]
+            # window mode plans over a subset of the candidates: never better than the full set (the
+            # estimator picks low grid types at high targets too, so it can be worse: it is opt-in)
+            same = [x.type for x in a.tensors] == [x.type for x in b.tensors]
+            assert same or a.error <= b.error * (1 + 1e-9), (kw, a.error, b.error)
+            assert b.bpw <= a.target_bpw if a.target_bpw is not None else b.file_size <= parse_size("75M")
+
+
+def test_window_scores_lazily_and_extends_the_state(
+    tmp_path: Path,
+    smollm2_f16: Path,
+    smol_imatrix: Path,
+    smol_scores: llqx.Scores,
+    states: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[tuple[str, int]] = []
+    real = _core.score_run
+
+    def recording(path: str, jobs: list[dict[str, object]], **kw: object) -> object:
+        for j in jobs:
+            asked.extend((str(j["name"]), int(t)) for t in j["candidates"])  # type: ignore[attr-defined]
+        return real(path, jobs, **kw)
+
+    state = tmp_path / "s.llqx-state"
+    kw: dict[str, object] = {"state": state, "nthread": 2, "sample_elements": SAMPLE, "progress": False}
+    with monkeypatch.context() as mp:
+        mp.setattr(_core, "score_run", recording)
+        win = score(smollm2_f16, smol_imatrix, candidates="window", **kw)  # type: ignore[arg-type]
+        assert not asked  # nothing is scored before a target is known
+        high = win.plan(target_bpw=7.0)
+        first = list(asked)
+        assert first
+        assert not any(t in LAZY for _, t in first)  # no IQ1/IQ2/IQ3 grid at 7 bpw
+        assert len(set(first)) == len(first)
+        low = win.plan(target_bpw=4.3)
+        more = asked[len(first):]
+        assert any(t in LAZY for _, t in more)  # near the grid types they are scored ...
+        assert not set(more) & set(first)  # ... and what the state holds is never scored again
+        assert len(set(more)) == len(more)
+    # every error equals the one of a full scoring (same rows, same arithmetic)
+    doc = json.loads(state.read_text(encoding="utf-8"))
+    full_doc = json.loads((states / "smol").read_text(encoding="utf-8"))  # smol_scores' state file
+    n_pairs = 0
+    for name, entry in doc["tensors"].items():
+        full = full_doc["tensors"][name]
+        assert entry["energy"] == full["energy"]
+        for tname, err in zip(entry["types"], entry["errors"], strict=True):
+            assert err == full["errors"][full["types"].index(tname)]
+            n_pairs += 1
+    assert n_pairs == len(set(asked))
+    # a later run finds it all in the state file: same plans, nothing scored
+    with monkeypatch.context() as mp:
+        _forbid_scoring(mp)
+        again = score(smollm2_f16, smol_imatrix, candidates="window", **kw)  # type: ignore[arg-type]
+        assert [t.type for t in again.plan(target_bpw=7.0).tensors] == [t.type for t in high.tensors]
+        assert [t.type for t in again.plan(target_bpw=4.3).tensors] == [t.type for t in low.tensors]
+    # "all" adds only the pairs still missing
+    asked.clear()
+    with monkeypatch.context() as mp:
+        mp.setattr(_core, "score_run", recording)
+        full = score(smollm2_f16, smol_imatrix, candidates="all", **kw)  # type: ignore[arg-type]
+    n_all = sum(len(c.types) for c in full.curves.values())
+    assert len(asked) == n_all - n_pairs
+    assert {n: c.errors for n, c in full.curves.items()} == {n: c.errors for n, c in smol_scores.curves.items()}
+    with pytest.raises(llqx.LlqxError, match="candidates mode"):
+        score(smollm2_f16, smol_imatrix, candidates="some", **kw)  # type: ignore[arg-type]
+
+
+def test_cli_candidates_window_and_all(
+    tmp_path: Path, smollm2_f16: Path, smol_imatrix: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plans = {}
+    for mode in ("window", "all"):
+        capsys.readouterr()
+        rc = run_target(
+            _args(input=smollm2_f16, imatrix=smol_imatrix, target_bpw=6.5, dry_run=True, json=True,
+                  candidates=mode, state_file=str(tmp_path / mode))
+        )
+        assert rc == 0
+        plans[mode] = json.loads(capsys.readouterr().out)
+        held = json.loads((tmp_path / mode).read_text(encoding="utf-8"))["tensors"]
+        grid = {t for e in held.values() for t in e["types"] if llqx.ggml_type(t).id in LAZY}
+        assert bool(grid) == (mode == "all")
+    assert [t["type"] for t in plans["window"]["tensors"]] == [t["type"] for t in plans["all"]["tensors"]]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -212,6 +216,14 @@ def check_imatrix_fits(sel: ImatrixSelection, info: ModelInfo, source: str) -> N
                             f"values, the tensor needs {want}")
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the system before llama.cpp allocates its buffers (peak RSS)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def run_model_quantize(request: _core.QuantizeRequest) -> None:
     """Run llama_model_quantize in a worker thread, so Ctrl+C reaches Python while it works.
 
@@ -355,7 +367,9 @@ def quantize(
         for name, values in sel.weights.items():
             req.add_imatrix(name, values)
         kv_overrides.extend(imatrix_kv_overrides(sel, label))
+        del im, sel  # llama.cpp holds its own copy of the weights now
     req.kv_overrides = kv_overrides
+    del info
 
     if plan is not None:
         # the plan's one override per tensor is intended: keep llama.cpp from warning about each
@@ -388,6 +402,7 @@ def _run_to(req: _core.QuantizeRequest, out: Path | None, plan: Plan | None,
         req.output = os.fspath(tmpdir / out.name)
         if on_start is not None:
             on_start()
+        release_memory()
         run_model_quantize(req)
         produced = sorted(tmpdir.iterdir())
         if not produced:

@@ -2,7 +2,9 @@
 
 ``score(model, imatrix)`` streams the model through the C++ scorer (sampled rows, quantized with each
 expert's importance values, weighted error with the mean-activation term) and returns ``Scores``,
-whose ``plan(target_bpw=... | target_size=...)`` runs the optimizer.
+whose ``plan(target_bpw=... | target_size=...)`` runs the optimizer. With ``candidates="window"``
+nothing is scored up front: each plan() scores what its target needs, and the IQ1/IQ2/IQ3 types (whose
+lattice grids take seconds to build) only when the target comes near them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,15 @@ CANDIDATES = (
     "F16",
 )
 SCORING_VERSION = 2
+CANDIDATE_MODES = ("window", "all")
+# window mode: plan over every type but the grid types more than this many bpw below the mean bpw the
+# free tensors can spend; then, per tensor, add the next grid type down while the pick is the cheapest
+# type above the grid types left out (plans equal the full candidate set's on the test models and on
+# Qwen2.5-Coder-1.5B over their whole bpw range)
+WINDOW_BPW = 2.0
+# the types with a lattice grid (ggml_quantize_init: up to seconds each) that are also the slowest to
+# score; window mode scores them only for targets near them
+LAZY_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
 # the estimate is a per-row mean, so it needs rows from all over the tensor more than many rows
 SAMPLE_FRACTION = 1 / 32
@@ -167,6 +179,11 @@ def needs_imatrix(name: str, type_id: int) -> bool:
 def _shape3(t: TensorInfo) -> tuple[int, int, int]:
     s = [*list(t.shape), 1, 1, 1]
     return s[0], s[1], s[2] * s[3]
+
+
+@cache
+def _lazy_ids() -> frozenset[int]:
+    return frozenset(ggml_type(n).id for n in LAZY_TYPES)
 
 
 def tensor_nbytes(type_id: int, t: TensorInfo) -> int:
@@ -333,14 +350,37 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
 
 
 @dataclass
+class _Budget:
+    """A target turned into bytes: what the free (optimized) tensors may spend, and the achievable range."""
+
+    pins: dict[str, int]
+    by_size: bool
+    fixed: int  # cost of kept and pinned tensors
+    budget: int  # cost the whole plan may have (tensor bytes, or file bytes less metadata)
+    raw_range: tuple[int, int]  # tensor bytes of the cheapest and the largest mix
+    slack: float
+
+    def cost(self, nbytes: int) -> int:
+        return padded(nbytes) if self.by_size else nbytes
+
+
+@dataclass
 class Scores:
-    """Error curves of every quantizable tensor of a model; plan() turns them into a plan."""
+    """Error curves of every quantizable tensor of a model; plan() turns them into a plan.
+
+    ``candidates`` holds every candidate type of each tensor (cheapest first) and ``curves`` the ones
+    scored so far. With ``candidates="all"`` (see score()) every candidate is scored up front; with
+    ``"window"`` plan() scores, per target, the types near it (and more while any tensor's pick sits at
+    the edge of what was scored), so a target far from the low-bit types never pays for their grids.
+    """
 
     model: ModelInfo
     curves: dict[str, TensorCurve]
     imatrix_label: str | None
     meta_size: int
     has_activations: bool
+    candidates: dict[str, list[int]] = field(default_factory=dict)
+    scorer: _Scorer | None = field(default=None, repr=False)  # set in window mode: scores on demand
 
     def pins(
         self,
@@ -351,7 +391,7 @@ class Scores:
         """Types fixed by the user, resolved per tensor as llama.cpp would (first matching pattern wins)."""
         patterns = [(re.compile(p.lower()), ggml_type(tt).id) for p, tt in tensor_types]
         out: dict[str, int] = {}
-        for name in self.curves:
+        for name in self.candidates:
             t = self.model.tensor(name)
             chosen: int | None = None
             named = next((tt for rx, tt in patterns if rx.search(name)), None)
@@ -376,19 +416,8 @@ class Scores:
             out[name] = chosen
         return out
 
-    def plan(
-        self,
-        target_bpw: float | None = None,
-        target_size: int | None = None,
-        *,
-        tensor_types: Iterable[tuple[str, str | int]] = (),
-        output_tensor_type: str | int | None = None,
-        token_embedding_type: str | int | None = None,
-    ) -> Plan:
-        """The lowest-error mix at or below target_bpw (llama.cpp's BPW) or target_size (whole file)."""
-        if (target_bpw is None) == (target_size is None):
-            raise LlqxError("give exactly one of target_bpw and target_size")
-        pins = self.pins(tensor_types, output_tensor_type, token_embedding_type)
+    def _budget(self, target_bpw: float | None, target_size: int | None, pins: dict[str, int]) -> _Budget:
+        """The byte budget of a target; LlqxError when no mix of the candidates reaches it."""
         info = self.model
         n_elements = info.n_elements
         by_size = target_size is not None
@@ -399,19 +428,19 @@ class Scores:
         fixed = 0
         raw_fixed = 0
         for t in info.tensors:
-            nb = (
-                t.nbytes
-                if t.name not in self.curves
-                else (tensor_nbytes(pins[t.name], t) if t.name in pins else 0)
-            )
-            if t.name not in self.curves or t.name in pins:
+            if t.name not in self.candidates or t.name in pins:
+                nb = t.nbytes if t.name not in self.candidates else tensor_nbytes(pins[t.name], t)
                 fixed += cost(nb)
                 raw_fixed += nb
-        free = [c for name, c in self.curves.items() if name not in pins]
-        raw_lo = raw_fixed + sum(min(c.nbytes) for c in free)
-        raw_hi = raw_fixed + sum(max(c.nbytes) for c in free)
-        lo = fixed + sum(min(cost(b) for b in c.nbytes) for c in free)
-        hi = fixed + sum(max(cost(b) for b in c.nbytes) for c in free)
+        free = [
+            [tensor_nbytes(x, info.tensor(name)) for x in c]
+            for name, c in self.candidates.items()
+            if name not in pins
+        ]
+        raw_lo = raw_fixed + sum(min(nb) for nb in free)
+        raw_hi = raw_fixed + sum(max(nb) for nb in free)
+        lo = fixed + sum(min(cost(b) for b in nb) for nb in free)
+        hi = fixed + sum(max(cost(b) for b in nb) for nb in free)
         if by_size:
             assert target_size is not None
             overhead = self.meta_size
@@ -439,31 +468,137 @@ class Scores:
             raise LlqxError(f"target {target_text} is below the smallest achievable mix ({rng})")
         if budget_total > hi:
             raise LlqxError(f"target {target_text} is above the largest achievable mix ({rng})")
-
-        curves = [
-            (np.array([cost(b) for b in c.nbytes], dtype=np.float64), np.array(c.errors, dtype=np.float64))
-            for c in free
-        ]
         # bytes that may stay unspent rather than bought with a worse error: a fraction of the tolerance
         slack = n_elements * 0.0005 / 8 if not by_size else int(target_size or 0) * 0.0002
-        chosen = allocate(curves, budget_total - fixed, slack)
-        pick = {c.name: i for c, i in zip(free, chosen, strict=True)}
+        return _Budget(pins, by_size, fixed, budget_total, (raw_lo, raw_hi), slack)
+
+    def plan(
+        self,
+        target_bpw: float | None = None,
+        target_size: int | None = None,
+        *,
+        tensor_types: Iterable[tuple[str, str | int]] = (),
+        output_tensor_type: str | int | None = None,
+        token_embedding_type: str | int | None = None,
+    ) -> Plan:
+        """The lowest-error mix at or below target_bpw (llama.cpp's BPW) or target_size (whole file)."""
+        if (target_bpw is None) == (target_size is None):
+            raise LlqxError("give exactly one of target_bpw and target_size")
+        pins = self.pins(tensor_types, output_tensor_type, token_embedding_type)
+        b = self._budget(target_bpw, target_size, pins)
+        if self.scorer is None:
+            sets = {name: c for name, c in self.candidates.items() if name not in pins}
+            return self._plan_over(b, sets, target_bpw, target_size)
+        floors = self._window(b)
+        for _ in range(len(CANDIDATES) + 2):
+            sets = {name: self._set(name, f) for name, f in floors.items()}
+            self._score_sets(sets, pins)
+            plan = self._plan_over(b, sets, target_bpw, target_size)
+            if not self._widen(plan, floors):
+                return plan
+        raise LlqxError("internal error: the candidate window did not settle")
+
+    # ---- window mode ---------------------------------------------------------------------------
+
+    def _bpw_of(self, name: str) -> list[float]:
+        t = self.model.tensor(name)
+        return [8.0 * tensor_nbytes(x, t) / t.n_elements for x in self.candidates[name]]
+
+    def _window(self, b: _Budget) -> dict[str, float]:
+        """Per free tensor, the bpw floor of the grid types (LAZY_TYPES) to plan over first: WINDOW_BPW
+        below the mean bpw the free tensors can spend, lowered until the cheapest mix fits the budget.
+        Every other type is planned over whatever its bpw."""
+        free = [name for name in self.candidates if name not in b.pins]
+        n_free = sum(self.model.tensor(name).n_elements for name in free)
+        floor = 8.0 * (b.budget - b.fixed) / max(n_free, 1) - WINDOW_BPW
+        while True:
+            floors = dict.fromkeys(free, floor)
+            cheapest = b.fixed + sum(
+                b.cost(tensor_nbytes(self._set(name, floor)[0], self.model.tensor(name))) for name in free
+            )
+            if cheapest <= b.budget or all(self._set(n, floor) == self.candidates[n] for n in free):
+                return floors
+            floor -= 1.0
+
+    def _set(self, name: str, floor: float) -> list[int]:
+        """The candidates planned over for a grid-type floor: every type but the grid types under it."""
+        lazy = _lazy_ids()
+        return [
+            x
+            for x, bpw in zip(self.candidates[name], self._bpw_of(name), strict=True)
+            if bpw >= floor or x not in lazy
+        ]
+
+    def _score_sets(self, sets: dict[str, list[int]], pins: dict[str, int]) -> None:
+        assert self.scorer is not None
+        need = {name: list(types) for name, types in sets.items()}
+        for name, tid in pins.items():
+            if tid in self.candidates[name]:
+                need[name] = [tid]  # for the error shown next to a pinned tensor
+        self.scorer.ensure(need)
+        self.curves = self.scorer.curves()
+
+    def _widen(self, plan: Plan, floors: dict[str, float]) -> bool:
+        """Lower a tensor's floor to its next grid type when its pick is the cheapest of the types above
+        the highest grid type left out (all of them are planned over), or under it: a pick above the
+        cheapest of them is bracketed by scored types, but at the bottom an unscored grid type could be
+        the better pick."""
+        grew = False
+        lazy = _lazy_ids()
+        for pt in plan.tensors:
+            if pt.name not in floors:
+                continue
+            bpw = dict(zip(self.candidates[pt.name], self._bpw_of(pt.name), strict=True))
+            excluded = [v for x, v in bpw.items() if x in lazy and v < floors[pt.name]]
+            if not excluded:
+                continue
+            top = max(excluded)
+            covered = [v for v in bpw.values() if v > top]
+            if not covered or bpw[pt.type] <= min(covered):
+                floors[pt.name] = top
+                grew = True
+        return grew
+
+    # ---- the optimizer over chosen candidates ----------------------------------------------------
+
+    def _plan_over(
+        self,
+        b: _Budget,
+        sets: dict[str, list[int]],
+        target_bpw: float | None,
+        target_size: int | None,
+    ) -> Plan:
+        """The optimizer's plan when each free tensor may take the candidates of its set."""
+        info = self.model
+        free = [name for name in self.candidates if name not in b.pins]
+        points: list[tuple[list[int], list[int], list[float]]] = []
+        for name in free:
+            c = self.curves[name]
+            types = sets[name]
+            idx = [c.types.index(x) for x in types]
+            points.append((types, [c.nbytes[i] for i in idx], [c.errors[i] for i in idx]))
+        curves = [
+            (np.array([b.cost(x) for x in nb], dtype=np.float64), np.array(err, dtype=np.float64))
+            for _, nb, err in points
+        ]
+        chosen = allocate(curves, b.budget - b.fixed, b.slack)
+        pick = {name: (p[0][i], p[1][i], p[2][i]) for name, p, i in zip(free, points, chosen, strict=True)}
 
         tensors: list[PlanTensor] = []
         for t in info.tensors:
             c = self.curves.get(t.name)
-            if c is None:
+            if t.name not in self.candidates:
                 tensors.append(PlanTensor(t.name, t.type, t.nbytes, t.n_elements, None, "kept"))
-            elif t.name in pins:
-                tid = pins[t.name]
-                err = c.errors[c.types.index(tid)] if tid in c.types else None
+            elif t.name in b.pins:
+                tid = b.pins[t.name]
+                err = c.errors[c.types.index(tid)] if c is not None and tid in c.types else None
                 tensors.append(PlanTensor(t.name, tid, tensor_nbytes(tid, t), t.n_elements, err, "pinned"))
             else:
-                i = pick[t.name]
-                tensors.append(
-                    PlanTensor(t.name, c.types[i], c.nbytes[i], t.n_elements, c.errors[i], "optimized")
-                )
-        requantize = any(ggml_type(t.type).is_quantized for t in info.tensors if t.name in self.curves)
+                tid, nb, err = pick[t.name]
+                tensors.append(PlanTensor(t.name, tid, nb, t.n_elements, err, "optimized"))
+        requantize = any(ggml_type(t.type).is_quantized for t in info.tensors if t.name in self.candidates)
+        n_elements = info.n_elements
+        raw_lo, raw_hi = b.raw_range
         plan = Plan(
             info.path,
             tensors,
@@ -474,9 +609,8 @@ class Scores:
             requantize,
             (8.0 * raw_lo / n_elements, 8.0 * raw_hi / n_elements),
         )
-        if not by_size:
-            assert target_bpw is not None
-            if plan.tensor_bytes > budget_total:
+        if not b.by_size:
+            if plan.tensor_bytes > b.budget:
                 raise LlqxError("internal error: plan exceeds its budget")
         elif plan.file_size > int(target_size or 0):
             raise LlqxError("internal error: plan exceeds its file size budget")
@@ -497,24 +631,31 @@ def score(
     nthread: int = 0,
     sample_elements: int | None = None,
     progress: bool = True,
+    candidates: str = "all",
+    imatrix_label: str | None = None,
 ) -> Scores:
-    """Score every quantizable tensor of a GGUF model under every candidate type.
+    """Score every quantizable tensor of a GGUF model under its candidate types.
 
     ``imatrix``: a path or Imatrix; without one the error is plain relative MSE and the IQ types that
     need importance data are left out. ``sample_elements`` fixes the sampled elements per tensor
     (default: a 1/32 slice of each tensor, 32 K to 256 K elements). ``state``: a state file to resume
     from and save to (scoring is saved there on Ctrl+C, and a later call with the same model and
-    imatrix skips scoring).
+    imatrix skips what it holds). ``candidates``: ``"all"`` scores every candidate type now;
+    ``"window"`` scores nothing yet: each ``plan()`` scores the types near its target (more when a
+    tensor's pick lands at the edge of them), adding them to the state file. ``imatrix_label``: the
+    name recorded in the output for an Imatrix object (a path names itself).
     """
+    if candidates not in CANDIDATE_MODES:
+        raise LlqxError(f"unknown candidates mode '{candidates}' (use {' or '.join(CANDIDATE_MODES)})")
     info = inspect(model)
     im: Imatrix | None
     label: str | None
     if imatrix is None:
         im, label = None, None
     elif isinstance(imatrix, Imatrix):
-        im, label = imatrix, ""
+        im, label = imatrix, imatrix_label or ""
     else:
-        im, label = Imatrix.load(imatrix), os.fspath(imatrix)
+        im, label = Imatrix.load(imatrix), imatrix_label or os.fspath(imatrix)
     if im is not None:
         _check_imatrix(info, im)
         if not im.has_activations:
@@ -531,7 +672,6 @@ def score(
     key = {
         "model": _model_hash(info),
         "imatrix": _imatrix_hash(im, quantizable),
-        "candidates": {n: [ggml_type(x).name for x in c] for n, c in cands.items()},
         "scoring": SCORING_VERSION,
         "sampling": {
             "elements": sample_elements,
@@ -542,37 +682,88 @@ def score(
         },
     }
     st = load_state(None if state is None else Path(state), key)
-    todo = [
-        t
-        for t in quantizable
-        if t.name not in st.tensors or st.tensors[t.name].types != key["candidates"][t.name]
-    ]
-    if todo:
-        _run_scoring(info, im, todo, cands, st, nthread, sample_elements, progress)
-
-    weights = output_weights(info, {t.name: st.tensors[t.name] for t in quantizable}, im is not None)
-    curves: dict[str, TensorCurve] = {}
-    for t in quantizable:
-        s = st.tensors[t.name]
-        types = cands[t.name]
-        curves[t.name] = TensorCurve(
-            t.name, t.n_elements, types, [tensor_nbytes(x, t) for x in types], [e * weights[t.name] for e in s.errors]
-        )
+    scorer = _Scorer(info, im, quantizable, cands, st, nthread, sample_elements, progress)
     kvs = [] if im is None else imatrix_kv_overrides(select_imatrix(im), label or "")
     meta = int(_core.layout_meta_size(info.path, kvs, 7))
-    return Scores(info, curves, label, meta, im is not None and im.has_activations)
+    has_act = im is not None and im.has_activations
+    if candidates == "all":
+        scorer.ensure(cands)
+        return Scores(info, scorer.curves(), label, meta, has_act, cands)
+    return Scores(info, scorer.curves(), label, meta, has_act, cands, scorer)
+
+
+class _Scorer:
+    """Scores (tensor, candidate type) pairs on demand; the state file holds what is done."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        im: Imatrix | None,
+        quantizable: list[TensorInfo],
+        cands: dict[str, list[int]],
+        st: ScoreState,
+        nthread: int,
+        sample_elements: int | None,
+        progress: bool,
+    ) -> None:
+        self.info = info
+        self.im = im
+        self.tensors = quantizable
+        self.cands = cands
+        self.names = {name: [ggml_type(x).name for x in c] for name, c in cands.items()}
+        self.st = st
+        self.nthread = nthread
+        self.sample_elements = sample_elements
+        self.progress = progress
+
+    def missing(self, need: dict[str, list[int]]) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for t in self.tensors:
+            s = self.st.tensors.get(t.name)
+            todo = [x for x in need.get(t.name, []) if s is None or ggml_type(x).name not in s.types]
+            if todo:
+                out[t.name] = todo
+        return out
+
+    def ensure(self, need: dict[str, list[int]]) -> None:
+        todo = self.missing(need)
+        if todo:
+            _run_scoring(self.info, self.im, [t for t in self.tensors if t.name in todo], todo, self)
+
+    def record(self, name: str, types: list[int], errors: list[float], rows: int, energy: float) -> None:
+        names = [ggml_type(x).name for x in types]
+        s = self.st.tensors.get(name)
+        if s is None:
+            s = self.st.tensors[name] = TensorScore([], [], rows, energy)
+        s.merge(names, errors, rows, energy, self.names[name])
+
+    def curves(self) -> dict[str, TensorCurve]:
+        """The scored candidates of every tensor, cheapest first, errors in one unit (output_weights)."""
+        scored = {t.name: self.st.tensors[t.name] for t in self.tensors if t.name in self.st.tensors}
+        weights = output_weights(self.info, scored, self.im is not None)
+        out: dict[str, TensorCurve] = {}
+        for t in self.tensors:
+            s = self.st.tensors.get(t.name)
+            types: list[int] = []
+            errors: list[float] = []
+            for tid, n in zip(self.cands[t.name], self.names[t.name], strict=True):
+                e = None if s is None else s.error_of(n)
+                if e is not None:
+                    types.append(tid)
+                    errors.append(e * weights[t.name])
+            out[t.name] = TensorCurve(t.name, t.n_elements, types, [tensor_nbytes(x, t) for x in types], errors)
+        return out
 
 
 def _run_scoring(
     info: ModelInfo,
     im: Imatrix | None,
     todo: list[TensorInfo],
-    cands: dict[str, list[int]],
-    st: ScoreState,
-    nthread: int,
-    sample_elements: int | None,
-    progress: bool,
+    types: dict[str, list[int]],
+    scorer: _Scorer,
 ) -> None:
+    st = scorer.st
+    sample_elements = scorer.sample_elements
     jobs = []
     expert_weights = []
     for t in todo:
@@ -584,7 +775,7 @@ def _run_scoring(
             "src_type": t.type,
             "ne": [ne0, ne1, ne2],
             "offset": t.offset,
-            "candidates": cands[t.name],
+            "candidates": types[t.name],
         }
         if w is not None:
             job["weights"] = w
@@ -597,12 +788,12 @@ def _run_scoring(
         )
         job["sample_elements"] = max(1, min(n_sample, t.n_elements))
         jobs.append(job)
-    nthread = nthread if nthread > 0 else (os.cpu_count() or 1)
+    nthread = scorer.nthread if scorer.nthread > 0 else (os.cpu_count() or 1)
     cancel = _core.ScoreCancel()
     last_save = [time.monotonic()]
     bar = None
     task = None
-    if progress:
+    if scorer.progress:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -629,8 +820,8 @@ def _run_scoring(
 
     def on_done(j: int, values: np.ndarray, rows: int) -> bool:
         t = todo[j]
-        errors, energy = _combine_experts(values, len(cands[t.name]), expert_weights[j])
-        st.tensors[t.name] = TensorScore([ggml_type(x).name for x in cands[t.name]], errors, int(rows), energy)
+        errors, energy = _combine_experts(values, len(types[t.name]), expert_weights[j])
+        scorer.record(t.name, types[t.name], errors, int(rows), energy)
         if bar is not None and task is not None:
             bar.update(task, advance=1, name=t.name)
         now = time.monotonic()

@@ -1,9 +1,12 @@
 """The scoring state file: every tensor's error curve, keyed by all that changes the curves.
 
 A JSON document ``{"format", "key", "tensors"}``. The key holds hashes of the model (header and
-sampled tensor bytes), of the importance data the scorer used, the candidate list and the scoring
-version with its sampling settings. A file whose key differs, or that cannot be read, is reported in
-one line and rebuilt; it is never trusted. Writes are atomic (temporary file, then rename).
+sampled tensor bytes), of the importance data the scorer used and the scoring version with its
+sampling settings. Each tensor's entry lists the candidate types scored so far (the type llama.cpp
+will write, after its width fallback) with their errors: an error does not depend on which other types
+were scored with it, so a later run adds the types it needs to the entry without rescoring the others.
+A file whose key differs, or that cannot be read, is reported in one line and rebuilt; it is never
+trusted. Writes are atomic (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -23,13 +26,30 @@ STATE_FORMAT = "llqx-state"
 
 @dataclass
 class TensorScore:
-    """One tensor's curve: candidate type names and their expected squared output errors (same order),
-    and the expected squared output itself (``energy``)."""
+    """One tensor's scored candidates: type names and their expected squared output errors (same order),
+    and the expected squared output itself (``energy``, the same for every type)."""
 
     types: list[str]
     errors: list[float]
     rows: int = 0
     energy: float = 0.0
+
+    def error_of(self, type_name: str) -> float | None:
+        try:
+            return self.errors[self.types.index(type_name)]
+        except ValueError:
+            return None
+
+    def merge(self, types: list[str], errors: list[float], rows: int, energy: float, order: list[str]) -> None:
+        """Add (or replace) the errors of these types; entries are kept in the given candidate order."""
+        found = dict(zip(self.types, self.errors, strict=True))
+        found.update(zip(types, errors, strict=True))
+        rank = {n: i for i, n in enumerate(order)}
+        names = sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
+        self.types = names
+        self.errors = [found[n] for n in names]
+        self.rows = rows
+        self.energy = energy
 
 
 @dataclass
@@ -76,12 +96,16 @@ def _describe_mismatch(found: dict[str, Any], want: dict[str, Any]) -> str:
     what = {
         "model": "another model",
         "imatrix": "another imatrix",
-        "candidates": "other candidate types",
         "scoring": "another scoring version",
         "sampling": "other sampling settings",
     }
     diffs = [what.get(k, k) for k in want if found.get(k) != want.get(k)]
     return ", ".join(diffs) if diffs else "different settings"
+
+
+# keys of earlier layouts that no longer take part in the match: the candidate list (each entry now
+# names the types it holds, so the list it was scored against does not matter)
+_RETIRED_KEYS = ("candidates",)
 
 
 def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
@@ -102,6 +126,7 @@ def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         log.warning("state file %s is unreadable (%s): rebuilding it", path, exc)
         return state
+    found = {k: v for k, v in found.items() if k not in _RETIRED_KEYS}
     if found != key:
         log.warning("state file %s was made for %s: rebuilding it", path, _describe_mismatch(found, key))
         return state
@@ -114,7 +139,11 @@ def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
         except (KeyError, TypeError, ValueError):
             log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
             continue
-        if len(types) != len(errors) or not all(e == e and e >= 0.0 for e in [*errors, energy]):
+        if (
+            len(types) != len(errors)
+            or len(set(types)) != len(types)
+            or not all(e == e and e >= 0.0 for e in [*errors, energy])
+        ):
             log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
             continue
         state.tensors[str(name)] = TensorScore(types, errors, rows, energy)

@@ -67,6 +67,14 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="elements sampled per tensor when scoring (default: 1/32 of it, 32K to 256K)",
     )
+    g.add_argument(
+        "--candidates",
+        choices=("window", "all"),
+        default="all",
+        help="all (default): score every candidate type; window: score the low-bit grid types "
+        "(IQ1/IQ2/IQ3) only when the target is near them or a tensor's pick reaches them (a faster cold "
+        "run, but the mix can be worse: the estimator also picks low grid types at high targets)",
+    )
 
 
 def _pins(args: Any) -> list[tuple[str, str]]:
@@ -136,9 +144,8 @@ def print_plan(plan: Plan, console: Any) -> None:
 
 def run_target(args: Any) -> int:
     """Score (or reuse the state file), plan to the target, then write and verify the model."""
-    from rich.console import Console
-
     from . import quantize
+    from .imatrix import Imatrix
     from .scoring import score
 
     if args.target_bpw is not None and args.target_size is not None:
@@ -168,15 +175,22 @@ def run_target(args: Any) -> int:
     as_json = bool(getattr(args, "json", False))
     quiet = bool(getattr(args, "quiet", False))
     nthread = int(getattr(args, "nthreads", None) or getattr(args, "nthread", None) or 0)
-    console = Console(stderr=as_json)
+    console: Any = None
+    if not (quiet or as_json):  # rich only where it prints (start-up time and memory)
+        from rich.console import Console
 
+        console = Console()
+
+    imatrix = Imatrix.load(args.imatrix)
     scores = score(
         inp,
-        args.imatrix,
+        imatrix,
+        imatrix_label=os.fspath(args.imatrix),
         state=_state_path(args),
         nthread=nthread,
         sample_elements=getattr(args, "score_elements", None),
         progress=not (quiet or as_json),
+        candidates=getattr(args, "candidates", None) or "all",
     )
     plan = scores.plan(
         target_bpw=args.target_bpw,
@@ -185,6 +199,7 @@ def run_target(args: Any) -> int:
         output_tensor_type=getattr(args, "output_tensor_type", None),
         token_embedding_type=getattr(args, "token_embedding_type", None),
     )
+    del scores  # the model's metadata and the curves: not needed by the writer (its peak memory)
     doc: dict[str, Any] = plan.to_dict()
     if getattr(args, "dry_run", False):
         if as_json:
@@ -197,7 +212,7 @@ def run_target(args: Any) -> int:
     out = Path(args.output) if getattr(args, "output", None) else _default_output(args, plan)
     if not quiet and not as_json:
         console.print(f"writing {out}: {plan.bpw:.4f} bpw, {plan.file_size:,} bytes")
-    quantize(inp, out, nthread=nthread, imatrix=os.fspath(args.imatrix), plan=plan, override_kv=override_kv)
+    quantize(inp, out, nthread=nthread, imatrix=imatrix, plan=plan, override_kv=override_kv)
     doc["output"] = os.fspath(out)
     if as_json:
         json.dump(doc, sys.stdout)
