@@ -650,3 +650,31 @@ def test_cli_candidates_window_and_all(
         grid = {t for e in held.values() for t in e["types"] if llqx.ggml_type(t).id in LAZY}
         assert bool(grid) == (mode == "all")
     assert [t["type"] for t in plans["window"]["tensors"]] == [t["type"] for t in plans["all"]["tensors"]]
+
+
+def test_output_weights_put_errors_in_residual_units(smol_scores: llqx.Scores) -> None:
+    from llqx.scoring import output_weights
+    from llqx.state import TensorScore
+
+    info = smol_scores.model
+    n_vocab = info.tensor("token_embd.weight").shape[1]
+    energy = {
+        "token_embd.weight": 2.0 * n_vocab,  # 2 per token
+        "blk.0.attn_q.weight": 5.0,
+        "blk.0.attn_output.weight": 10.0,
+        "blk.0.ffn_up.weight": 7.0,
+        "blk.0.ffn_down.weight": 30.0,
+        "blk.1.attn_output.weight": 50.0,
+    }
+    scored = {n: TensorScore(["F16"], [0.0], 1, e) for n, e in energy.items()}
+    w = output_weights(info, scored, True)
+    assert w["blk.0.attn_output.weight"] == 1.0
+    assert w["blk.1.attn_output.weight"] == 1.0
+    assert w["blk.0.ffn_down.weight"] == 1.0
+    assert w["blk.0.attn_q.weight"] == pytest.approx(10.0 / 5.0)  # relative × what its block writes
+    assert w["blk.0.ffn_up.weight"] == pytest.approx(30.0 / 7.0)
+    # tied head: relative error against the residual after layer 0, plus against the whole residual
+    after_first, residual = 2.0 + 10.0 + 30.0, 2.0 + 10.0 + 30.0 + 50.0
+    assert w["token_embd.weight"] == pytest.approx((after_first + residual) / (2.0 * n_vocab))
+    # no imatrix: plain relative errors
+    assert output_weights(info, scored, False)["blk.0.ffn_down.weight"] == pytest.approx(1 / 30.0)

@@ -315,11 +315,12 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
     A tensor that writes into the residual stream (attn_output, ffn_down) counts with its own expected
     squared output error. A tensor that feeds a block (attn_q/k/v, ffn_gate/up) counts with its
     relative output error times the energy its block writes, since a relative error there becomes about
-    the same relative error of the block's output. An embedding row is read once per token, so it counts
-    per row. output.weight errs on the logits directly: its relative error counts against the whole
+    the same relative error of the block's output. The token embedding feeds the first layer the same
+    way: its relative error (per row, as a token reads one row) counts against the residual stream after
+    that layer. output.weight errs on the logits directly: its relative error counts against the whole
     residual stream's energy (what the logits are computed from); a model without output.weight reads
-    its logits through token_embd, which then counts in both roles. Without an imatrix the energies are in
-    weight units, not comparable: every tensor then counts with its relative error.
+    its logits through token_embd, which then counts in both roles. Without an imatrix the energies are
+    in weight units, not comparable: every tensor then counts with its relative error.
     """
     names = set(scored)
 
@@ -330,19 +331,25 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
     if not has_imatrix:
         return {n: rel(n) for n in names}
     out: dict[str, float] = {}
+    embedding = 0.0  # per token
+    first_layer = 0.0  # what the first layer writes, per token
     residual = 0.0
     for n in names:
         if n in _TOKEN_EMBD:
             rows = _shape3(info.tensor(n))[1] * _shape3(info.tensor(n))[2]
-            out[n] = 1.0 / rows
-            residual += scored[n].energy / rows
+            embedding += scored[n].energy / rows
         elif n != "output.weight" and _writer_of(n, names) is None:
             out[n] = 1.0
             residual += scored[n].energy
+            if n.startswith("blk.0."):
+                first_layer += scored[n].energy
+    residual += embedding
     for n in names:
         w = _writer_of(n, names)
         if w is not None:
             out[n] = rel(n) * scored[w].energy
+        elif n in _TOKEN_EMBD:
+            out[n] = rel(n) * (embedding + first_layer)
     head = "output.weight" if "output.weight" in names else "token_embd.weight"
     if head in names:
         out[head] = out.get(head, 0.0) + rel(head) * residual
