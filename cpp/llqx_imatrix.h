@@ -13,7 +13,7 @@ struct llqx_imatrix_params {
     int32_t     n_ubatch       = 512;  // physical batch
     int32_t     n_threads      = 4;
     int32_t     n_gpu_layers   = -1;   // -1: llama.cpp's default
-    bool        repack         = false; // ggml's CPU weight repacking (its AMX path crashes on Q8_0/Q4_0)
+    bool        repack         = true;  // ggml's CPU weight repacking, on as in llama-imatrix (-nr turns it off)
     bool        process_output = false; // also collect output.weight
     bool        compute_ppl    = true;
 };

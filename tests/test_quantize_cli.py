@@ -421,11 +421,14 @@ def np_ones(*shape: int) -> object:
 
 
 @pytest.mark.slow
-def test_ctrl_c_removes_partial_output(tmp_path: Path, model_copy: Path) -> None:
+def test_ctrl_c_removes_partial_output(tmp_path: Path, model_copy: Path, imatrix_files: dict[str, Path]) -> None:
     """SIGINT while llama.cpp writes: exit 130, no output or temporary left, input unchanged."""
     before = hashlib.sha256(model_copy.read_bytes()).hexdigest()
     out = tmp_path / "out.gguf"
-    cmd = [sys.executable, "-m", "llqx.cli_quantize", str(model_copy), str(out), "Q4_K_M", "1"]
+    # IQ3_XXS with an imatrix on one thread: tens of seconds, so the signal lands mid-write even on a
+    # loaded machine
+    cmd = [sys.executable, "-m", "llqx.cli_quantize", "--imatrix", str(imatrix_files["gguf"]), str(model_copy),
+           str(out), "IQ3_XXS", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), text=True)
     deadline = time.monotonic() + 60
     partial = None
@@ -436,6 +439,7 @@ def test_ctrl_c_removes_partial_output(tmp_path: Path, model_copy: Path) -> None
                 partial = f
         time.sleep(0.05)
     assert partial is not None, "quantization never started writing"
+    assert proc.poll() is None, "quantization finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]

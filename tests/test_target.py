@@ -483,7 +483,8 @@ def test_sigint_resume_and_threads_give_identical_files(
     tmp_path: Path, smollm2_f16: Path, smol_imatrix: Path
 ) -> None:
     env = subprocess_env()
-    common = ["--imatrix", str(smol_imatrix), "--target-bpw", "8.5", "--score-elements", "65536", "--quiet"]
+    # enough sampled rows that scoring outlasts the state file's first save (2 s) on a loaded machine
+    common = ["--imatrix", str(smol_imatrix), "--target-bpw", "8.5", "--score-elements", "262144", "--quiet"]
     ref = tmp_path / "ref.gguf"
     subprocess.run(
         _cli(

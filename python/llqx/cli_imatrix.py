@@ -42,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("-t", "--threads", type=int, default=None, help=f"threads (default {default_threads()})")
     p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="ngl", type=int, default=-1,
                    help="layers to offload to a GPU (-1: llama.cpp's default)")
-    p.add_argument("--repack", action="store_true",
-                   help="enable ggml's CPU weight repacking (off by default: its AMX path crashes on Q8_0/Q4_0)")
+    p.add_argument("-nr", "--no-repack", dest="repack", action="store_false",
+                   help="disable ggml's CPU weight repacking (llama.cpp's AMX path crashes on some quantized "
+                        "models: use this if llqx imatrix dies on a Q8_0/Q4_0 input)")
     p.add_argument("--chunks", type=int, default=-1, help="maximum number of chunks (-1: all)")
     p.add_argument("--chunk", "--from-chunk", dest="skip", type=int, default=0,
                    help="skip this many chunks at the start of the text")

@@ -77,7 +77,7 @@ class ImatrixCollector:
 
     def __init__(self, model: str | os.PathLike[str], *, n_ctx: int = 512, n_batch: int = 2048,
                  n_ubatch: int = 512, threads: int | None = None, n_gpu_layers: int = -1,
-                 process_output: bool = False, compute_ppl: bool = True, repack: bool = False) -> None:
+                 process_output: bool = False, compute_ppl: bool = True, repack: bool = True) -> None:
         path = Path(model)
         if not path.is_file():
             raise LlqxError(f"model not found: {path}")
@@ -189,7 +189,7 @@ def collect_imatrix(model: str | os.PathLike[str], text: str | bytes | None = No
                     n_ubatch: int = 512, threads: int | None = None, n_gpu_layers: int = -1,
                     chunks: int = -1, skip_chunks: int = 0, process_output: bool = False,
                     parse_special: bool = False, compute_ppl: bool = True, dataset: str | None = None,
-                    repack: bool = False,
+                    repack: bool = True,
                     progress: Callable[[ImatrixProgress], bool | None] | None = None) -> Imatrix:
     """Run model over text (or token ids) like llama-imatrix and return Σx², Σx and counts per weight.
 
