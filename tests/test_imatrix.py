@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import llqx
-from conftest import subprocess_env
+from conftest import default_sigint, subprocess_env
 from llqx.cli import main as cli_main
 from llqx.imatrix import Imatrix
 from llqx.imatrix_collect import ImatrixCollector
@@ -199,7 +199,8 @@ def test_sigint_saves_and_in_file_continues(work: Path, smollm2_f16: Path) -> No
     cmd = [sys.executable, "-m", "llqx.cli", "imatrix", "-m", str(smollm2_f16), "-f", "calib.txt",
            "-o", str(part), "-c", str(CTX), "-b", str(CTX), "--chunks", str(total), "-t", "2",
            "--output-frequency", "1", "--quiet", "--no-ppl"]
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not part.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

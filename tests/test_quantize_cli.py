@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import llqx
-from conftest import subprocess_env
+from conftest import default_sigint, subprocess_env
 from llqx import cli, cli_quantize
 from llqx.imatrix import Imatrix, ImatrixEntry
 
@@ -429,7 +429,8 @@ def test_ctrl_c_removes_partial_output(tmp_path: Path, model_copy: Path, imatrix
     # loaded machine
     cmd = [sys.executable, "-m", "llqx.cli_quantize", "--imatrix", str(imatrix_files["gguf"]), str(model_copy),
            str(out), "IQ3_XXS", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), text=True,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 60
     partial = None
     while time.monotonic() < deadline and partial is None:  # wait until the partial file has data

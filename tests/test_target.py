@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import llqx
-from conftest import subprocess_env
+from conftest import default_sigint, subprocess_env
 from llqx import _core
 from llqx.imatrix import Imatrix
 from llqx.optimizer import allocate
@@ -502,6 +502,7 @@ def test_sigint_resume_and_threads_give_identical_files(
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
     )
     deadline = time.monotonic() + 120
     while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
