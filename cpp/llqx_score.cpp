@@ -297,20 +297,21 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
                     }
                     st.row_num.assign(st.rows.size() * j.candidates.size(), 0.0);
                     st.row_den.assign(st.rows.size(), 0.0);
-                    for (size_t r = 0; r < st.rows.size(); ++r) {
-                        const int64_t e = std::upper_bound(st.expert_first.begin(), st.expert_first.end(), (int64_t) r) -
-                                          st.expert_first.begin() - 1;
-                        const float * xr = st.data.data() + r * (size_t) ne0;
-                        const float * v  = j.weights.empty() ? nullptr : j.weights.data() + (size_t) e * (size_t) ne0;
-                        const float * a  = j.activations.empty() ? nullptr : j.activations.data() + (size_t) e * (size_t) ne0;
-                        double den = 0.0, ax = 0.0;
-                        for (int64_t k = 0; k < ne0; ++k) {
-                            den += (v ? (double) v[k] : 1.0) * (double) xr[k] * (double) xr[k];
-                            if (a) {
-                                ax += (double) a[k] * (double) xr[k];
+                    // the expected squared output of each sampled row does not depend on the candidate
+                    for (int64_t e = 0; e < j.ne[2]; ++e) {
+                        const float * v = j.weights.empty() ? nullptr : j.weights.data() + (size_t) e * (size_t) ne0;
+                        const float * a = j.activations.empty() ? nullptr : j.activations.data() + (size_t) e * (size_t) ne0;
+                        for (int64_t r = st.expert_first[(size_t) e]; r < st.expert_first[(size_t) e + 1]; ++r) {
+                            const float * xr = st.data.data() + (size_t) r * (size_t) ne0;
+                            double den = 0.0, ax = 0.0;
+                            for (int64_t k = 0; k < ne0; ++k) {
+                                den += (v ? (double) v[k] : 1.0) * (double) xr[k] * (double) xr[k];
+                                if (a) {
+                                    ax += (double) a[k] * (double) xr[k];
+                                }
                             }
+                            st.row_den[(size_t) r] = den + ax * ax;
                         }
-                        st.row_den[r] = den + ax * ax;
                     }
                     st.loaded = true;
                 }

@@ -336,8 +336,7 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
     residual = 0.0
     for n in names:
         if n in _TOKEN_EMBD:
-            rows = _shape3(info.tensor(n))[1] * _shape3(info.tensor(n))[2]
-            embedding += scored[n].energy / rows
+            embedding += scored[n].energy / info.tensor(n).n_rows
         elif n != "output.weight" and _writer_of(n, names) is None:
             out[n] = 1.0
             residual += scored[n].energy
