@@ -22,6 +22,7 @@ log scale; needs matplotlib: ``pip install llqx[plot]``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import llqx
 from llqx import data
 from llqx.cli_eval import eval_progress, markdown_table
 from llqx.errors import LlqxError
-from llqx.evaluate import QuantResult
+from llqx.evaluate import Estimate, QuantResult
 from llqx.upstream import upstream_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,6 +128,24 @@ def reused(out: Path, settings: dict[str, object]) -> float | None:
 def record(out: Path, settings: dict[str, object], seconds: float) -> None:
     side = out.with_name(out.name + ".json")
     side.write_text(json.dumps({"settings": settings, "seconds": seconds, "size": out.stat().st_size}), "utf-8")
+
+
+def reused_eval(out: Path, settings: dict[str, object]) -> QuantResult | None:
+    """An earlier run's evaluation of `out` (a recipe quant) on the same text and settings, else None."""
+    side = out.with_name(out.name + ".eval.json")
+    try:
+        doc = json.loads(side.read_text(encoding="utf-8"))
+        if not out.is_file() or doc["settings"] != settings or doc["size"] != out.stat().st_size:
+            return None
+        q = {k: Estimate(**v) if isinstance(v, dict) else v for k, v in doc["result"].items()}
+        return QuantResult(**{**q, "path": str(out)})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_eval(out: Path, settings: dict[str, object], q: QuantResult) -> None:
+    doc = {"settings": settings, "size": out.stat().st_size, "result": dataclasses.asdict(q)}
+    atomic_write_text(out.with_name(out.name + ".eval.json"), json.dumps(doc))
 
 
 def proxy_errors(model: Path, imatrix: Path, state: Path, files: list[Path]) -> dict[str, float]:
@@ -368,11 +387,27 @@ def run(args: argparse.Namespace) -> int:
     n_chunk = max(2, math.ceil(args.eval_tokens / n_scored))
     text = text_slice("wiki", n_chunk * args.eval_ctx)
     quants = [recipe_files[r] for r in recipes] + [llqx_files[r] for r in recipes if r in llqx_files]
+    # a recipe quant reused from an earlier run keeps that run's evaluation too (same base, text, settings)
+    eval_settings: dict[str, object] = {
+        "base": str(model),
+        "base_size": model.stat().st_size,
+        "ctx": args.eval_ctx,
+        "chunks": n_chunk,
+        "text_chars": len(text),
+    }
+    cached: dict[str, QuantResult] = {}
+    if args.reuse:
+        for r in recipes:
+            rec = reused_eval(recipe_files[r], eval_settings)
+            if rec is not None:
+                cached[r] = rec
+                log(f"recipe {r}: evaluation reused from an earlier run")
+    to_eval = [q for q in quants if q not in {recipe_files[r] for r in cached}]
     t0 = time.perf_counter()
     with eval_progress(args.eval_ctx, enabled=not args.quiet) as on_progress:
         result = llqx.evaluate(
             model,
-            quants,
+            to_eval,
             text,
             ctx=args.eval_ctx,
             chunks=n_chunk,
@@ -384,11 +419,14 @@ def run(args: argparse.Namespace) -> int:
     times["eval_s"] = time.perf_counter() - t0
     if result.n_chunk < n_chunk:
         log(f"warning: the wiki slice gave only {result.n_chunk} of {n_chunk} chunks")
+    result.quants = [*cached.values(), *result.quants]
     by_path = {q.path: q for q in result.quants}
     quick = result.n_tokens < MIN_EVAL_TOKENS
     points = []
     for r in recipes:
         rq = by_path[str(recipe_files[r])]
+        if r not in cached:
+            record_eval(recipe_files[r], eval_settings, rq)
         lq = by_path.get(str(llqx_files[r])) if r in llqx_files else None
         pt: dict[str, object] = {
             "recipe": r,

@@ -156,27 +156,28 @@ def _reference_sums(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int,
 
 
 def test_scorer_matches_numpy_reference(
-    smol_scores: llqx.Scores, moe_scores: llqx.Scores, smol_imatrix: Path, moe_imatrix: Path
+    smol_scores: llqx.Scores, moe_scores: llqx.Scores, smol_imatrix: Path, moe_imatrix: Path, states: Path
 ) -> None:
-    # ffn_down writes into the residual stream: its own squared output error; attn_v and ffn_gate_exps
-    # feed a block: their relative error times the energy of the block's writer
-    for scores, imf, name, writer in (
-        (smol_scores, smol_imatrix, "blk.3.ffn_down.weight", None),
-        (smol_scores, smol_imatrix, "blk.5.attn_v.weight", "blk.5.attn_output.weight"),
-        (moe_scores, moe_imatrix, "blk.2.ffn_down_exps.weight", None),
-        (moe_scores, moe_imatrix, "blk.2.ffn_gate_exps.weight", "blk.2.ffn_down_exps.weight"),
+    # the state holds each tensor's own expected squared output error per type and its output energy;
+    # the curves are those errors times output_weights (tested by hand below)
+    from llqx.scoring import output_weights
+    from llqx.state import TensorScore
+
+    for scores, imf, state, name in (
+        (smol_scores, smol_imatrix, states / "smol", "blk.3.ffn_down.weight"),
+        (smol_scores, smol_imatrix, states / "smol", "blk.5.attn_v.weight"),
+        (moe_scores, moe_imatrix, states / "moe", "blk.2.ffn_down_exps.weight"),
+        (moe_scores, moe_imatrix, states / "moe", "blk.2.ffn_gate_exps.weight"),
     ):
         im = Imatrix.load(imf)
+        held = json.loads(state.read_text(encoding="utf-8"))["tensors"]
+        scored = {n: TensorScore(v["types"], v["errors"], v["rows"], v["energy"]) for n, v in held.items()}
+        weight = output_weights(scores.model, scored, True)[name]
         c = scores.curves[name]
-        w_energy = 0.0
-        if writer is not None:
-            f16 = llqx.ggml_type("F16").id
-            w_energy = _reference_sums(scores.model, im, writer, f16, SAMPLE)[1]
         for tid, err in zip(c.types, c.errors, strict=True):
             ref, energy = _reference_sums(scores.model, im, name, tid, SAMPLE)
-            if writer is not None:
-                ref = ref / energy * w_energy
-            assert err == pytest.approx(ref, rel=1e-6, abs=1e-12), (name, llqx.ggml_type(tid).name)
+            assert scored[name].energy == pytest.approx(energy, rel=1e-6), name
+            assert err == pytest.approx(ref * weight, rel=1e-6, abs=1e-12), (name, llqx.ggml_type(tid).name)
 
 
 def test_output_head_weighs_against_the_residual_stream(smol_scores: llqx.Scores) -> None:
@@ -655,7 +656,7 @@ def test_cli_candidates_window_and_all(
 
 
 def test_output_weights_put_errors_in_residual_units(smol_scores: llqx.Scores) -> None:
-    from llqx.scoring import output_weights
+    from llqx.scoring import PROPAGATION, output_weights
     from llqx.state import TensorScore
 
     info = smol_scores.model
@@ -670,13 +671,21 @@ def test_output_weights_put_errors_in_residual_units(smol_scores: llqx.Scores) -
     }
     scored = {n: TensorScore(["F16"], [0.0], 1, e) for n, e in energy.items()}
     w = output_weights(info, scored, True)
-    assert w["blk.0.attn_output.weight"] == 1.0
-    assert w["blk.1.attn_output.weight"] == 1.0
-    assert w["blk.0.ffn_down.weight"] == 1.0
-    assert w["blk.0.attn_q.weight"] == pytest.approx(10.0 / 5.0)  # relative × what its block writes
-    assert w["blk.0.ffn_up.weight"] == pytest.approx(30.0 / 7.0)
-    # tied head: relative error against the residual after layer 0, plus against the whole residual
-    after_first, residual = 2.0 + 10.0 + 30.0, 2.0 + 10.0 + 30.0 + 50.0
-    assert w["token_embd.weight"] == pytest.approx((after_first + residual) / (2.0 * n_vocab))
+    c = PROPAGATION
+    # each later sub-layer passes c × (its written energy / the stream's energy before it) of an error on
+    g_attn1 = 1 + c * 50.0 / (2.0 + 10.0 + 30.0)
+    g_ffn0 = 1 + c * 30.0 / (2.0 + 10.0)
+    g_attn0 = 1 + c * 10.0 / 2.0
+    assert w["blk.1.attn_output.weight"] == pytest.approx(1.0)
+    assert w["blk.0.ffn_down.weight"] == pytest.approx(g_attn1)
+    assert w["blk.0.attn_output.weight"] == pytest.approx(g_ffn0 * g_attn1)
+    # block inputs: c × relative error × what the block writes, then as their writer
+    assert w["blk.0.attn_q.weight"] == pytest.approx(c * 10.0 / 5.0 * g_ffn0 * g_attn1)
+    assert w["blk.0.ffn_up.weight"] == pytest.approx(c * 30.0 / 7.0 * g_attn1)
+    # tied head: the relative error per row of the first layer's input, grown by every sub-layer, plus
+    # its relative error against the whole stream as the output head
+    residual = 2.0 + 10.0 + 30.0 + 50.0
+    expected = (2.0 * g_attn0 * g_ffn0 * g_attn1 + residual) / (2.0 * n_vocab)
+    assert w["token_embd.weight"] == pytest.approx(expected)
     # no imatrix: plain relative errors
     assert output_weights(info, scored, False)["blk.0.ffn_down.weight"] == pytest.approx(1 / 30.0)
