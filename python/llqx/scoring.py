@@ -349,7 +349,13 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
 
     if not has_imatrix:
         return {n: rel(n) for n in names}
-    embedding = sum(scored[n].energy / info.tensor(n).n_rows for n in names if n in _TOKEN_EMBD)
+    embedding = 0.0  # per token
+    for n in names:
+        if n in _TOKEN_EMBD:
+            t = info.tensor(n)
+            # Gemma models multiply the looked-up row by sqrt(n_embd) before the first layer
+            scale = t.shape[0] if info.architecture.startswith("gemma") and n == "token_embd.weight" else 1
+            embedding += scored[n].energy * scale / t.n_rows
     written: dict[tuple[int, int], float] = {}  # energy each sub-layer writes, per token
     loose = 0.0  # writers outside the layer pattern: counted at the output, unpropagated
     for n in names:
