@@ -366,7 +366,8 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
             loose += scored[n].energy
         else:
             written[key] = written.get(key, 0.0) + scored[n].energy
-    # gain[k]: what an error made before sub-layer k has grown to at the output
+    # gain[k]: how much an error that sub-layer k writes has grown by the output; `after` ends as the
+    # growth of an error in the embedding, which every sub-layer reads
     keys = sorted(written)
     stream = [embedding]
     for k in keys:
@@ -374,7 +375,7 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
     gain: dict[tuple[int, int], float] = {}
     after = 1.0
     for i in range(len(keys) - 1, -1, -1):
-        gain[keys[i]] = after  # a writer's error enters after its own sub-layer
+        gain[keys[i]] = after  # only the sub-layers after it read a writer's error
         if stream[i] > 0:
             after *= 1.0 + PROPAGATION * written[keys[i]] / stream[i]
     out: dict[str, float] = {}
