@@ -113,39 +113,47 @@ def build_imatrix(model: Path, out: Path, chunks: int, ctx: int, threads: int) -
     return time.perf_counter() - t0, "upstream llama-imatrix"
 
 
+def _sidecar(out: Path, suffix: str, settings: dict[str, object]) -> dict[str, object] | None:
+    """What an earlier run recorded next to `out` (`<out><suffix>`), if it made `out` with the same
+    settings and `out` is unchanged in size; else None."""
+    try:
+        doc = json.loads(out.with_name(out.name + suffix).read_text(encoding="utf-8"))
+        if out.is_file() and doc["settings"] == settings and doc["size"] == out.stat().st_size:
+            return dict(doc)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _write_sidecar(out: Path, suffix: str, settings: dict[str, object], **fields: object) -> None:
+    doc = {"settings": settings, "size": out.stat().st_size, **fields}
+    atomic_write_text(out.with_name(out.name + suffix), json.dumps(doc))
+
+
 def reused(out: Path, settings: dict[str, object]) -> float | None:
     """Seconds an earlier run took to make `out` with the same settings (its sidecar), else None."""
-    side = out.with_name(out.name + ".json")
-    try:
-        doc = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not out.is_file() or doc.get("settings") != settings or doc.get("size") != out.stat().st_size:
-        return None
-    return float(doc["seconds"])
+    doc = _sidecar(out, ".json", settings)
+    return None if doc is None else float(doc["seconds"])  # type: ignore[arg-type]
 
 
 def record(out: Path, settings: dict[str, object], seconds: float) -> None:
-    side = out.with_name(out.name + ".json")
-    side.write_text(json.dumps({"settings": settings, "seconds": seconds, "size": out.stat().st_size}), "utf-8")
+    _write_sidecar(out, ".json", settings, seconds=seconds)
 
 
 def reused_eval(out: Path, settings: dict[str, object]) -> QuantResult | None:
     """An earlier run's evaluation of `out` (a recipe quant) on the same text and settings, else None."""
-    side = out.with_name(out.name + ".eval.json")
+    doc = _sidecar(out, ".eval.json", settings)
+    if doc is None:
+        return None
     try:
-        doc = json.loads(side.read_text(encoding="utf-8"))
-        if not out.is_file() or doc["settings"] != settings or doc["size"] != out.stat().st_size:
-            return None
-        q = {k: Estimate(**v) if isinstance(v, dict) else v for k, v in doc["result"].items()}
+        q = {k: Estimate(**v) if isinstance(v, dict) else v for k, v in doc["result"].items()}  # type: ignore[attr-defined]
         return QuantResult(**{**q, "path": str(out)})
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         return None
 
 
 def record_eval(out: Path, settings: dict[str, object], q: QuantResult) -> None:
-    doc = {"settings": settings, "size": out.stat().st_size, "result": dataclasses.asdict(q)}
-    atomic_write_text(out.with_name(out.name + ".eval.json"), json.dumps(doc))
+    _write_sidecar(out, ".eval.json", settings, result=dataclasses.asdict(q))
 
 
 def proxy_errors(model: Path, imatrix: Path, state: Path, files: list[Path]) -> dict[str, float]:

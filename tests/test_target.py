@@ -113,6 +113,18 @@ def moe_scores(moe_f16: Path, moe_imatrix: Path, states: Path) -> llqx.Scores:
     )
 
 
+ScoredModel = tuple[Path, Path, llqx.Scores]  # model, imatrix, full scores
+
+
+@pytest.fixture(scope="session")
+def scored_models(
+    smollm2_f16: Path, smol_imatrix: Path, smol_scores: llqx.Scores, moe_f16: Path, moe_imatrix: Path,
+    moe_scores: llqx.Scores,
+) -> dict[str, ScoredModel]:
+    """Both fixtures with their imatrix and full scores, by the name of their state file."""
+    return {"smol": (smollm2_f16, smol_imatrix, smol_scores), "moe": (moe_f16, moe_imatrix, moe_scores)}
+
+
 def _range(scores: llqx.Scores) -> tuple[float, float]:
     with pytest.raises(llqx.LlqxError) as exc:
         scores.plan(target_bpw=0.5)
@@ -273,17 +285,10 @@ def test_bpw_sweep_lands_on_target(which: str, smol_scores: llqx.Scores, moe_sco
         scores.plan(target_bpw=lo - 0.01)
 
 
-def test_written_files_match_plans(
-    tmp_path: Path,
-    smollm2_f16: Path,
-    smol_imatrix: Path,
-    smol_scores: llqx.Scores,
-    moe_f16: Path,
-    moe_imatrix: Path,
-    moe_scores: llqx.Scores,
-) -> None:
-    cases = [(smollm2_f16, smol_imatrix, smol_scores, 8.3), (moe_f16, moe_imatrix, moe_scores, 6.7)]
-    for model, imf, scores, target in cases:
+def test_written_files_match_plans(tmp_path: Path, scored_models: dict[str, ScoredModel]) -> None:
+    smollm2_f16, smol_imatrix, smol_scores = scored_models["smol"]
+    for which, target in (("smol", 8.3), ("moe", 6.7)):
+        model, imf, scores = scored_models[which]
         plan = scores.plan(target_bpw=target)
         out = tmp_path / f"{Path(model).stem}-{target}.gguf"
         llqx.quantize(model, out, plan=plan, imatrix=imf, nthread=2)
@@ -542,17 +547,11 @@ def _forbid_scoring(mp: pytest.MonkeyPatch) -> None:
 def test_window_plans_fit_and_never_beat_full_plans(
     which: str,
     tmp_path: Path,
-    smollm2_f16: Path,
-    smol_imatrix: Path,
-    smol_scores: llqx.Scores,
-    moe_f16: Path,
-    moe_imatrix: Path,
-    moe_scores: llqx.Scores,
+    scored_models: dict[str, ScoredModel],
     states: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    model, imf, full = (smollm2_f16, smol_imatrix, smol_scores) if which == "smol" else (
-        moe_f16, moe_imatrix, moe_scores)
+    model, imf, full = scored_models[which]
     state = tmp_path / "state"
     state.write_bytes((states / which).read_bytes())
     with monkeypatch.context() as mp:

@@ -285,17 +285,17 @@ def _combine_experts(values: np.ndarray, n_cand: int, weights: np.ndarray) -> tu
     return [float(x) for x in per[:n_cand]], float(per[n_cand])
 
 
-_BLOCK_INPUT = re.compile(r"^(blk\.\d+\.)(attn|ffn)_(\w+?)\.weight$")
+_LAYER_TENSOR = re.compile(r"^(blk\.(\d+)\.)(attn|ffn)_(\w+?)\.weight$")
 
 
 def _writer_of(name: str, names: set[str]) -> str | None:
     """The tensor that writes the result of the block this tensor feeds into the residual stream:
     attn_q/k/v → attn_output, ffn_gate/up(_exps|_shexp) → ffn_down(_exps|_shexp); None for writers
     and tensors outside that pattern."""
-    m = _BLOCK_INPUT.match(name)
+    m = _LAYER_TENSOR.match(name)
     if m is None:
         return None
-    prefix, block, rest = m.groups()
+    prefix, _, block, rest = m.groups()
     if block == "attn":
         w = prefix + "attn_output.weight"
         return w if rest != "output" and w in names else None
@@ -314,13 +314,10 @@ def _writer_of(name: str, names: set[str]) -> str | None:
 # on log scale (1.0: 0.97; no propagation: 0.82); on the files of the run planned with it, 0.95.
 PROPAGATION = 0.8
 
-_SUBLAYER = re.compile(r"^blk\.(\d+)\.(attn|ffn)_")
-
-
 def _sublayer(name: str) -> tuple[int, int] | None:
     """(layer, 0 for attention / 1 for the feed-forward block) of a tensor inside a layer."""
-    m = _SUBLAYER.match(name)
-    return None if m is None else (int(m.group(1)), 0 if m.group(2) == "attn" else 1)
+    m = _LAYER_TENSOR.match(name)
+    return None if m is None else (int(m.group(2)), 0 if m.group(3) == "attn" else 1)
 
 
 def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix: bool) -> dict[str, float]:
@@ -427,6 +424,7 @@ class Scores:
     has_activations: bool
     candidates: dict[str, list[int]] = field(default_factory=dict)
     scorer: _Scorer | None = field(default=None, repr=False)  # set in window mode: scores on demand
+    _bpw: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
 
     def pins(
         self,
@@ -547,8 +545,11 @@ class Scores:
     # ---- window mode ---------------------------------------------------------------------------
 
     def _bpw_of(self, name: str) -> list[float]:
-        t = self.model.tensor(name)
-        return [8.0 * tensor_nbytes(x, t) / t.n_elements for x in self.candidates[name]]
+        bpw = self._bpw.get(name)
+        if bpw is None:  # asked for every tensor in each step of the window search
+            t = self.model.tensor(name)
+            bpw = self._bpw[name] = [8.0 * tensor_nbytes(x, t) / t.n_elements for x in self.candidates[name]]
+        return bpw
 
     def _window(self, b: _Budget) -> dict[str, float]:
         """Per free tensor, the bpw floor of the grid types (LAZY_TYPES) to plan over first: WINDOW_BPW

@@ -37,6 +37,8 @@ def parse_size(text: str) -> int:
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     """The target-mode options (the drop-in CLI adds the llama-quantize ones)."""
+    from .scoring import CANDIDATE_MODES
+
     g = parser.add_argument_group("target size (llqx)")
     g.add_argument(
         "--target-bpw",
@@ -69,7 +71,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--candidates",
-        choices=("window", "all"),
+        choices=CANDIDATE_MODES,
         default="all",
         help="all (default): score every candidate type; window: score the low-bit grid types "
         "(IQ1/IQ2/IQ3) only when the target is near them or a tensor's pick reaches them (a faster cold "
