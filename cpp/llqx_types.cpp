@@ -57,6 +57,22 @@ static bool type_requires_imatrix(ggml_type type) {
     }
 }
 
+// the types ggml_quantize_init builds tables for (ggml.c)
+static bool type_has_grid(ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_IQ2_XXS:
+        case GGML_TYPE_IQ2_XS:
+        case GGML_TYPE_IQ2_S:
+        case GGML_TYPE_IQ1_S:
+        case GGML_TYPE_IQ1_M:
+        case GGML_TYPE_IQ3_XXS:
+        case GGML_TYPE_IQ3_S:
+            return true;
+        default:
+            return false;
+    }
+}
+
 static bool type_is_live(int32_t id) {
     if (id < 0 || id >= GGML_TYPE_COUNT) {
         return false;
@@ -83,6 +99,7 @@ bool llqx_type_info_get(int32_t id, llqx_type_info & info) {
     info.is_quantized     = traits->is_quantized;
     info.can_quantize     = type_can_quantize(type);
     info.requires_imatrix = type_requires_imatrix(type);
+    info.has_grid         = type_has_grid(type);
     return true;
 }
 
@@ -117,6 +134,10 @@ void llqx_quantize_init(int32_t type) {
     if (type_can_quantize((ggml_type) type)) {
         ggml_quantize_init((ggml_type) type);
     }
+}
+
+void llqx_quantize_free(void) {
+    ggml_quantize_free();
 }
 
 int64_t llqx_quantize_rows(int32_t type, const float * src, void * dst, int64_t nrows, int64_t n_per_row,

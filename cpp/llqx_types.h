@@ -14,6 +14,7 @@ struct llqx_type_info {
     bool        is_quantized;
     bool        can_quantize;     // ggml_quantize_chunk can produce it from F32 rows
     bool        requires_imatrix; // llama.cpp's writer refuses it without an imatrix (outside token_embd/output)
+    bool        has_grid;         // ggml_quantize_init builds a lookup grid for it (megabytes, seconds)
 };
 
 int32_t llqx_type_count(void);
@@ -29,6 +30,10 @@ size_t llqx_row_size(int32_t type, int64_t n_per_row);
 
 // prepares the lookup grids of the IQ types once, so timed or threaded work does not pay for it
 void llqx_quantize_init(int32_t type);
+
+// frees every grid llqx_quantize_init (or any quantization) built; the next use of a type builds its
+// grid again. Nothing may be quantizing at the time.
+void llqx_quantize_free(void);
 
 // quantize nrows rows of n_per_row floats into dst (llqx_row_size(type, n_per_row) * nrows bytes);
 // imatrix: n_per_row importance weights or nullptr. Returns bytes written, or -1 with err set.

@@ -100,6 +100,19 @@ def test_imatrix_weights_the_error() -> None:
     assert np.mean((weighted - x)[:, :32] ** 2) < np.mean((plain - x)[:, :32] ** 2)
 
 
+def test_grids_rebuilt_after_free() -> None:
+    """quantize_free drops the IQ grids (target mode does, before writing a mix without them); the next
+    quantization rebuilds them and gives the same bytes."""
+    grid = {t.name for t in ggml_types().values() if t.has_grid}
+    assert grid == {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s"}
+    x = _rows(3)
+    w = np.linspace(0.5, 2.0, N_PER_ROW, dtype=np.float32)
+    before = {name: _core.quantize_rows(ggml_type(name).id, x, w) for name in sorted(grid)}
+    _core.quantize_free()
+    for name in sorted(grid):
+        assert np.array_equal(_core.quantize_rows(ggml_type(name).id, x, w), before[name]), name
+
+
 def test_non_quantizable_types_raise() -> None:
     x = _rows(0)
     refused = [t for t in ggml_types().values() if not t.can_quantize]

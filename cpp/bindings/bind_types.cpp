@@ -15,6 +15,7 @@ static py::dict type_info_dict(const llqx_type_info & t) {
     d["is_quantized"]     = t.is_quantized;
     d["can_quantize"]     = t.can_quantize;
     d["requires_imatrix"] = t.requires_imatrix;
+    d["has_grid"]         = t.has_grid;
     return d;
 }
 
@@ -94,6 +95,10 @@ void bind_types(py::module_ & m) {
         py::gil_scoped_release release;
         llqx_quantize_init(type);
     }, py::arg("type"));
+    m.def("quantize_free", []() {
+        py::gil_scoped_release release;
+        llqx_quantize_free();
+    }, "free the IQ lookup grids (rebuilt on next use); nothing may be quantizing meanwhile");
     m.def("quantize_rows", &quantize_rows, py::arg("type"), py::arg("src"), py::arg("imatrix") = py::none(),
           "quantize a 2-D float32 array row by row; returns uint8 (rows, row_size)");
     m.def("dequantize_rows", &dequantize_rows, py::arg("type"), py::arg("src"), py::arg("n_per_row"),

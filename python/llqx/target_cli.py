@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import _core
 from .errors import LlqxError
 from .plan import Plan
 from .types import file_type, ggml_type
@@ -202,6 +203,9 @@ def run_target(args: Any) -> int:
         token_embedding_type=getattr(args, "token_embedding_type", None),
     )
     del scores  # the model's metadata and the curves: not needed by the writer (its peak memory)
+    if not any(ggml_type(t).has_grid for _, t in plan.overrides()):
+        # scoring built the IQ lookup grids (~6 MB); this mix needs none, so the writer's peak need not carry them
+        _core.quantize_free()
     doc: dict[str, Any] = plan.to_dict()
     if getattr(args, "dry_run", False):
         if as_json:

@@ -22,6 +22,7 @@ class GGMLType:
     is_quantized: bool
     can_quantize: bool  # ggml_quantize_chunk can write it
     requires_imatrix: bool  # llama.cpp's writer refuses it without an imatrix
+    has_grid: bool  # quantizing it first builds a lookup grid (IQ1/IQ2/IQ3: megabytes, seconds)
 
     def row_size(self, n_per_row: int) -> int:
         return _core.row_size(self.id, n_per_row)
