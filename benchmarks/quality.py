@@ -53,6 +53,10 @@ class ModelAlias:
 
 ALIASES: dict[str, ModelAlias] = {
     "smollm2": ModelAlias(data.smollm2_f16, "reference: dequantized Q4_1 (SmolLM2-135M-Instruct)"),
+    "smollm2-moe": ModelAlias(
+        data.smollm2_moe_f16,
+        "reference: dequantized Q4_1 SmolLM2-135M-Instruct, rewritten as an exactly equivalent 4-expert MoE",
+    ),
     "qwen-coder": ModelAlias(
         data.qwen_coder_f16, "reference: dequantized Q4_K_M (Qwen2.5-Coder-1.5B-Instruct)"
     ),

@@ -8,7 +8,9 @@ One invocation measures, under /usr/bin/time -v and --repeat times in turn (medi
      tensor, base Q8_0): what llama.cpp alone takes for the types llqx chose, so warm ÷ this is
      llqx's own overhead (quantizing some types, e.g. Q4_1 with an imatrix, is 4x slower than others)
 and writes ratios (wall time and peak RSS, llqx ÷ upstream) to benchmarks/results/target_speed.json
-(merged by model name). Goals: cold ≤ 2.0, warm ≤ 1.1, RSS ≤ 1.25 (against Q4_K_M).
+(merged by model name). Goals: cold ≤ 2.0, warm ≤ 1.1, RSS ≤ 1.25 (against Q4_K_M). Also measured: the
+seconds llama.cpp takes to build the candidate IQ types' lookup grids, and from it the floor of both
+ratios (grid set-up + upstream writing llqx's mix; the write alone when warm).
 
     python benchmarks/target_speed.py --model M.gguf [--imatrix IM.gguf] [--threads 2] [--repeat 3]
     [--candidates window|all] [--llqx-root OLD/python] [--results R.json]
@@ -188,6 +190,22 @@ def main() -> int:
             raise SystemExit("upstream did not write llqx's mix: the same-mix baseline is not comparable")
         mix_out.unlink()
 
+    # llama.cpp's own share of a cold run: building the lookup grids of the candidate IQ types (inside
+    # ggml's global lock, which every ggml_quantize_chunk call takes, so nothing overlaps it), then
+    # writing the chosen mix (same_mix): no implementation on llama.cpp's quantizers goes below it
+    scores = llqx.score(model, imatrix, state=state, nthread=args.threads, progress=False)  # the state: no scoring
+    grid = sorted({t for c in scores.candidates.values() for t in c if llqx.ggml_type(t).has_grid})
+    del scores
+    init_runs: list[float] = []
+    for _ in range(args.repeat):
+        code = (
+            "import time; from llqx import _core; t0 = time.perf_counter(); "
+            f"[_core.quantize_init(t) for t in {grid!r}]; print(time.perf_counter() - t0)"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+        init_runs.append(float(proc.stdout))
+    grid_init = statistics.median(init_runs)
+
     def med(k: str, i: int) -> float:
         return statistics.median(r[i] for r in runs[k])
 
@@ -215,6 +233,12 @@ def main() -> int:
         "ratio_mix_time": round(mix_wall / up_wall, 3),
         "ratio_warm_vs_same_mix": round(warm_wall / mix_wall, 3),
         "ratio_cold_vs_same_mix": round(cold_wall / mix_wall, 3),
+        "grid_types": [llqx.ggml_type(t).name for t in grid],
+        "grid_init_s": round(grid_init, 2),
+        "ratio_grid_init": round(grid_init / up_wall, 3),
+        # the least a cold / warm run can take ÷ upstream Q4_K_M: grid set-up + writing the mix / the write
+        "ratio_floor_cold": round((grid_init + mix_wall) / up_wall, 3),
+        "ratio_floor_warm": round(mix_wall / up_wall, 3),
         "goals": {"cold_time": 2.0, "warm_time": 1.1, "rss": 1.25},
         "load_average_1min": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
