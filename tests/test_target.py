@@ -688,3 +688,33 @@ def test_output_weights_put_errors_in_residual_units(smol_scores: llqx.Scores) -
     assert w["token_embd.weight"] == pytest.approx(expected)
     # no imatrix: plain relative errors
     assert output_weights(info, scored, False)["blk.0.ffn_down.weight"] == pytest.approx(1 / 30.0)
+
+
+def test_output_weights_gate_routed_experts(moe_f16: Path) -> None:
+    """An expert slice's output is scaled by its gate (~1/k for k experts per token) before it reaches the
+    stream: the same mix as above with ffn_down_exps' per-slice energy k × 30 gives the dense numbers."""
+    from llqx.scoring import PROPAGATION, output_weights
+    from llqx.state import TensorScore
+
+    info = llqx.inspect(moe_f16)
+    k = info.metadata[f"{info.architecture}.expert_used_count"]
+    assert k == 4
+    n_vocab = info.tensor("token_embd.weight").shape[1]
+    energy = {
+        "token_embd.weight": 2.0 * n_vocab,
+        "blk.0.attn_output.weight": 10.0,
+        "blk.0.ffn_up_exps.weight": 7.0 * k,
+        "blk.0.ffn_down_exps.weight": 30.0 * k,
+        "blk.1.attn_output.weight": 50.0,
+    }
+    scored = {n: TensorScore(["F16"], [0.0], 1, e) for n, e in energy.items()}
+    w = output_weights(info, scored, True)
+    c = PROPAGATION
+    g_attn1 = 1 + c * 50.0 / (2.0 + 10.0 + 30.0)
+    g_ffn0 = 1 + c * 30.0 / (2.0 + 10.0)
+    # a slice's raw error is k times what reaches the stream (gate² × the k slices a token passes)
+    assert w["blk.0.ffn_down_exps.weight"] == pytest.approx(g_attn1 / k)
+    assert w["blk.0.ffn_up_exps.weight"] == pytest.approx(c * 30.0 / (7.0 * k) * g_attn1)
+    assert w["blk.0.attn_output.weight"] == pytest.approx(g_ffn0 * g_attn1)
+    # no imatrix: relative errors, gated or not
+    assert output_weights(info, scored, False)["blk.0.ffn_down_exps.weight"] == pytest.approx(1 / (30.0 * k))

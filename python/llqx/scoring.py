@@ -336,23 +336,28 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
     output.weight errs on the logits directly: its relative error counts against the whole stream; a
     model without output.weight reads its logits through token_embd, which then counts in both roles.
     Without an imatrix the energies are in weight units, not comparable: every tensor then counts with
-    its relative error.
+    its relative error. Routed experts (``_exps``): the scorer's per-slice sums hold each expert's output
+    before the router's gate scales it, and a token passes through k experts (expert_used_count) with
+    gates near 1/k, so their error and energy count 1/k of the slices' token-weighted mean.
     """
     names = set(scored)
+    gated = 1.0 / _experts_used(info)
+    gate = {n: gated if "_exps." in n else 1.0 for n in names}
+    energy = {n: scored[n].energy * gate[n] for n in names}
 
     def rel(n: str) -> float:
-        e = scored[n].energy
+        e = energy[n]
         return 1.0 / e if e > 0 else 0.0
 
     if not has_imatrix:
-        return {n: rel(n) for n in names}
+        return {n: rel(n) * gate[n] for n in names}  # plain relative error, gate or not
     embedding = 0.0  # per token
     for n in names:
         if n in _TOKEN_EMBD:
             t = info.tensor(n)
             # Gemma models multiply the looked-up row by sqrt(n_embd) before the first layer
             scale = t.shape[0] if info.architecture.startswith("gemma") and n == "token_embd.weight" else 1
-            embedding += scored[n].energy * scale / t.n_rows
+            embedding += energy[n] * scale / t.n_rows
     written: dict[tuple[int, int], float] = {}  # energy each sub-layer writes, per token
     loose = 0.0  # writers outside the layer pattern: counted at the output, unpropagated
     for n in names:
@@ -360,9 +365,9 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
             continue
         key = _sublayer(n)
         if key is None:
-            loose += scored[n].energy
+            loose += energy[n]
         else:
-            written[key] = written.get(key, 0.0) + scored[n].energy
+            written[key] = written.get(key, 0.0) + energy[n]
     # gain[k]: how much an error that sub-layer k writes has grown by the output; `after` ends as the
     # growth of an error in the embedding, which every sub-layer reads
     keys = sorted(written)
@@ -385,11 +390,17 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
             key = _sublayer(n)
             g = gain.get(key, 1.0) if key is not None else 1.0
             w = _writer_of(n, names)
-            out[n] = g if w is None else rel(n) * PROPAGATION * scored[w].energy * g
+            out[n] = g if w is None else rel(n) * PROPAGATION * energy[w] * g
     head = "output.weight" if "output.weight" in names else "token_embd.weight"
     if head in names:
         out[head] = out.get(head, 0.0) + rel(head) * (stream[-1] + loose)
-    return out
+    return {n: w * gate[n] for n, w in out.items()}
+
+
+def _experts_used(info: ModelInfo) -> int:
+    """Experts each token passes through (the GGUF's expert_used_count; 1 for a dense model)."""
+    k = info.metadata.get(f"{info.architecture}.expert_used_count")
+    return int(k) if isinstance(k, int) and k >= 1 else 1
 
 
 @dataclass
