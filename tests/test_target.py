@@ -21,7 +21,8 @@ from conftest import default_sigint, subprocess_env
 from llqx import _core
 from llqx.imatrix import Imatrix
 from llqx.optimizer import allocate
-from llqx.scoring import LAZY_TYPES, MIN_ROWS, score, tensor_candidates
+from llqx.scoring import MIN_ROWS, PROPAGATION, output_weights, score, tensor_candidates
+from llqx.state import TensorScore
 from llqx.target_cli import parse_size, run_target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,9 +173,6 @@ def test_scorer_matches_numpy_reference(
 ) -> None:
     # the state holds each tensor's own expected squared output error per type and its output energy;
     # the curves are those errors times output_weights (tested by hand below)
-    from llqx.scoring import output_weights
-    from llqx.state import TensorScore
-
     for scores, imf, state, name in (
         (smol_scores, smol_imatrix, states / "smol", "blk.3.ffn_down.weight"),
         (smol_scores, smol_imatrix, states / "smol", "blk.5.attn_v.weight"),
@@ -533,7 +531,7 @@ def test_sigint_resume_and_threads_give_identical_files(
 
 # ---- window mode: grid types scored only near the target -------------------------------------------
 
-LAZY = {llqx.ggml_type(n).id for n in LAZY_TYPES}
+LAZY = {t.id for t in llqx.ggml_types().values() if t.has_grid}
 
 
 def _forbid_scoring(mp: pytest.MonkeyPatch) -> None:
@@ -654,27 +652,32 @@ def test_cli_candidates_window_and_all(
     assert [t["type"] for t in plans["window"]["tensors"]] == [t["type"] for t in plans["all"]["tensors"]]
 
 
-def test_output_weights_put_errors_in_residual_units(smol_scores: llqx.Scores) -> None:
-    from llqx.scoring import PROPAGATION, output_weights
-    from llqx.state import TensorScore
+def _weights_of(info: llqx.ModelInfo, energy: dict[str, float], has_imatrix: bool = True) -> dict[str, float]:
+    """output_weights for tensors with the given energies (token_embd's: 2 per token) and no errors."""
+    n_vocab = info.tensor("token_embd.weight").shape[1]
+    energy = {"token_embd.weight": 2.0 * n_vocab, **energy}
+    return output_weights(info, {n: TensorScore(["F16"], [0.0], 1, e) for n, e in energy.items()}, has_imatrix)
 
+
+# each later sub-layer passes c × (its written energy / the stream's energy before it) of an error on;
+# the mix of both output_weights tests: embedding 2 per token, blk.0 attention 10, blk.0 FFN 30, blk.1 attention 50
+G_ATTN1 = 1 + PROPAGATION * 50.0 / (2.0 + 10.0 + 30.0)
+G_FFN0 = 1 + PROPAGATION * 30.0 / (2.0 + 10.0)
+G_ATTN0 = 1 + PROPAGATION * 10.0 / 2.0
+
+
+def test_output_weights_put_errors_in_residual_units(smol_scores: llqx.Scores) -> None:
     info = smol_scores.model
     n_vocab = info.tensor("token_embd.weight").shape[1]
     energy = {
-        "token_embd.weight": 2.0 * n_vocab,  # 2 per token
         "blk.0.attn_q.weight": 5.0,
         "blk.0.attn_output.weight": 10.0,
         "blk.0.ffn_up.weight": 7.0,
         "blk.0.ffn_down.weight": 30.0,
         "blk.1.attn_output.weight": 50.0,
     }
-    scored = {n: TensorScore(["F16"], [0.0], 1, e) for n, e in energy.items()}
-    w = output_weights(info, scored, True)
-    c = PROPAGATION
-    # each later sub-layer passes c × (its written energy / the stream's energy before it) of an error on
-    g_attn1 = 1 + c * 50.0 / (2.0 + 10.0 + 30.0)
-    g_ffn0 = 1 + c * 30.0 / (2.0 + 10.0)
-    g_attn0 = 1 + c * 10.0 / 2.0
+    w = _weights_of(info, energy)
+    c, g_attn1, g_ffn0, g_attn0 = PROPAGATION, G_ATTN1, G_FFN0, G_ATTN0
     assert w["blk.1.attn_output.weight"] == pytest.approx(1.0)
     assert w["blk.0.ffn_down.weight"] == pytest.approx(g_attn1)
     assert w["blk.0.attn_output.weight"] == pytest.approx(g_ffn0 * g_attn1)
@@ -687,34 +690,26 @@ def test_output_weights_put_errors_in_residual_units(smol_scores: llqx.Scores) -
     expected = (2.0 * g_attn0 * g_ffn0 * g_attn1 + residual) / (2.0 * n_vocab)
     assert w["token_embd.weight"] == pytest.approx(expected)
     # no imatrix: plain relative errors
-    assert output_weights(info, scored, False)["blk.0.ffn_down.weight"] == pytest.approx(1 / 30.0)
+    assert _weights_of(info, energy, False)["blk.0.ffn_down.weight"] == pytest.approx(1 / 30.0)
 
 
 def test_output_weights_gate_routed_experts(moe_f16: Path) -> None:
     """An expert slice's output is scaled by its gate (~1/k for k experts per token) before it reaches the
     stream: the same mix as above with ffn_down_exps' per-slice energy k × 30 gives the dense numbers."""
-    from llqx.scoring import PROPAGATION, output_weights
-    from llqx.state import TensorScore
-
     info = llqx.inspect(moe_f16)
     k = info.metadata[f"{info.architecture}.expert_used_count"]
     assert k == 4
-    n_vocab = info.tensor("token_embd.weight").shape[1]
     energy = {
-        "token_embd.weight": 2.0 * n_vocab,
         "blk.0.attn_output.weight": 10.0,
         "blk.0.ffn_up_exps.weight": 7.0 * k,
         "blk.0.ffn_down_exps.weight": 30.0 * k,
         "blk.1.attn_output.weight": 50.0,
     }
-    scored = {n: TensorScore(["F16"], [0.0], 1, e) for n, e in energy.items()}
-    w = output_weights(info, scored, True)
-    c = PROPAGATION
-    g_attn1 = 1 + c * 50.0 / (2.0 + 10.0 + 30.0)
-    g_ffn0 = 1 + c * 30.0 / (2.0 + 10.0)
+    w = _weights_of(info, energy)
+    c, g_attn1, g_ffn0 = PROPAGATION, G_ATTN1, G_FFN0
     # a slice's raw error is k times what reaches the stream (gate² × the k slices a token passes)
     assert w["blk.0.ffn_down_exps.weight"] == pytest.approx(g_attn1 / k)
     assert w["blk.0.ffn_up_exps.weight"] == pytest.approx(c * 30.0 / (7.0 * k) * g_attn1)
     assert w["blk.0.attn_output.weight"] == pytest.approx(g_ffn0 * g_attn1)
     # no imatrix: relative errors, gated or not
-    assert output_weights(info, scored, False)["blk.0.ffn_down_exps.weight"] == pytest.approx(1 / (30.0 * k))
+    assert _weights_of(info, energy, False)["blk.0.ffn_down_exps.weight"] == pytest.approx(1 / (30.0 * k))

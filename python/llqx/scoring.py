@@ -31,7 +31,7 @@ from .optimizer import allocate
 from .plan import Plan, PlanTensor, padded
 from .quantize import imatrix_kv_overrides, select_imatrix
 from .state import ScoreState, TensorScore, load_state
-from .types import ggml_type
+from .types import ggml_type, ggml_types
 
 log = logging.getLogger("llqx")
 
@@ -65,9 +65,6 @@ CANDIDATE_MODES = ("window", "all")
 # type above the grid types left out (plans equal the full candidate set's on the test models and on
 # Qwen2.5-Coder-1.5B over their whole bpw range)
 WINDOW_BPW = 2.0
-# the types with a lattice grid (ggml_quantize_init: up to seconds each) that are also the slowest to
-# score; window mode scores them only for targets near them
-LAZY_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
 # the estimate is a per-row mean, so it needs rows from all over the tensor more than many rows
 SAMPLE_FRACTION = 1 / 32
@@ -183,7 +180,9 @@ def _shape3(t: TensorInfo) -> tuple[int, int, int]:
 
 @cache
 def _lazy_ids() -> frozenset[int]:
-    return frozenset(ggml_type(n).id for n in LAZY_TYPES)
+    """The types with a lookup grid (ggml_quantize_init: up to seconds each), also the slowest to score:
+    window mode scores them only for targets near them."""
+    return frozenset(t.id for t in ggml_types().values() if t.has_grid)
 
 
 def tensor_nbytes(type_id: int, t: TensorInfo) -> int:
@@ -314,6 +313,7 @@ def _writer_of(name: str, names: set[str]) -> str | None:
 # on log scale (1.0: 0.97; no propagation: 0.82); on the files of the run planned with it, 0.95.
 PROPAGATION = 0.8
 
+
 def _sublayer(name: str) -> tuple[int, int] | None:
     """(layer, 0 for attention / 1 for the feed-forward block) of a tensor inside a layer."""
     m = _LAYER_TENSOR.match(name)
@@ -358,10 +358,11 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
             # Gemma models multiply the looked-up row by sqrt(n_embd) before the first layer
             scale = t.shape[0] if info.architecture.startswith("gemma") and n == "token_embd.weight" else 1
             embedding += energy[n] * scale / t.n_rows
+    writer = {n: _writer_of(n, names) for n in names}  # None: writes into the stream itself
     written: dict[tuple[int, int], float] = {}  # energy each sub-layer writes, per token
     loose = 0.0  # writers outside the layer pattern: counted at the output, unpropagated
     for n in names:
-        if n in _TOKEN_EMBD or n == "output.weight" or _writer_of(n, names) is not None:
+        if n in _TOKEN_EMBD or n == "output.weight" or writer[n] is not None:
             continue
         key = _sublayer(n)
         if key is None:
@@ -389,7 +390,7 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
         else:
             key = _sublayer(n)
             g = gain.get(key, 1.0) if key is not None else 1.0
-            w = _writer_of(n, names)
+            w = writer[n]
             out[n] = g if w is None else rel(n) * PROPAGATION * energy[w] * g
     head = "output.weight" if "output.weight" in names else "token_embd.weight"
     if head in names:
@@ -563,7 +564,7 @@ class Scores:
         return bpw
 
     def _window(self, b: _Budget) -> dict[str, float]:
-        """Per free tensor, the bpw floor of the grid types (LAZY_TYPES) to plan over first: WINDOW_BPW
+        """Per free tensor, the bpw floor of the grid types (_lazy_ids) to plan over first: WINDOW_BPW
         below the mean bpw the free tensors can spend, lowered until the cheapest mix fits the budget.
         Every other type is planned over whatever its bpw."""
         free = [name for name in self.candidates if name not in b.pins]
