@@ -1,8 +1,11 @@
 """Populate third_party/llama.cpp from the pinned llama-cpp-python sdist on PyPI.
 
 Run by CMake at configure time when the llama.cpp directory is empty. The sdist is
-downloaded with pip by package name and version, sha256-checked, cached, and only its
+downloaded with pip by package name and version (so the user's index settings, PIP_INDEX_URL
+and pip.conf, apply as they do to pip itself), sha256-checked, cached, and only its
 vendor/llama.cpp tree is extracted (without models/ and docs/, which the build never uses).
+pip is a build requirement of llqx (pyproject.toml), so it is importable inside pip's isolated
+build environment too.
 """
 
 from __future__ import annotations
@@ -29,8 +32,16 @@ MARKER = ".llqx-pinned-release"
 
 
 def cache_dir() -> Path:
+    """Where the sdist is cached: $LLQX_SOURCES_DIR, else $LLQX_CACHE_DIR/sources (~/.cache/llqx)."""
+    if os.environ.get("LLQX_SOURCES_DIR"):
+        return Path(os.environ["LLQX_SOURCES_DIR"])
     root = os.environ.get("LLQX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "llqx")
     return Path(root) / "sources"
+
+
+def offline_hint(target: Path) -> str:
+    return (f"to build without the index, set LLQX_LLAMA_CPP_DIR to a llama.cpp checkout (b11312), "
+            f"or put {SDIST} (sha256 {SHA256}) at {target}")
 
 
 def sha256_of(path: Path) -> str:
@@ -47,15 +58,23 @@ def fetch_sdist() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        # --no-build-isolation: pip would otherwise build the sdist's metadata in yet another
+        # environment, fetching llama-cpp-python's build requirements for nothing
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "--no-build-isolation", "-q", "-d", tmp, f"{PACKAGE}=={VERSION}"]
-        subprocess.run(cmd, check=True)
+        try:
+            done = subprocess.run(cmd, check=False)
+        except OSError as e:
+            done = None
+            print(f"fetch_llama_cpp: cannot run pip: {e}", file=sys.stderr)
         got = Path(tmp) / SDIST
-        if not got.exists():
-            sys.exit(f"fetch_llama_cpp: pip did not produce {SDIST}")
+        if done is None or done.returncode != 0 or not got.exists():
+            sys.exit(f"fetch_llama_cpp: could not download {PACKAGE}=={VERSION} (sdist {SDIST}) "
+                     f"with pip from your package index; {offline_hint(target)}")
         digest = sha256_of(got)
         if digest != SHA256:
-            sys.exit(f"fetch_llama_cpp: sha256 mismatch for {SDIST}: {digest} != {SHA256}")
+            sys.exit(f"fetch_llama_cpp: sha256 mismatch for {SDIST}: got {digest}, want {SHA256}; "
+                     f"{offline_hint(target)}")
         os.replace(got, target)
     return target
 
