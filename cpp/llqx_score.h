@@ -1,5 +1,5 @@
 // scoring pass of the target-bpw method: per tensor and candidate type, the weighted quantization
-// error of deterministically sampled rows (method.md section 2)
+// error of deterministically sampled rows (docs/method.md, scoring)
 #pragma once
 
 #include <atomic>

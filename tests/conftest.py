@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,31 @@ def eval_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "wiki-slice.txt"
     path.write_text(data.text("wiki").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def smol_imatrix(
+    tmp_path_factory: pytest.TempPathFactory, llama_imatrix: Path, smollm2_f16: Path, calib_text: Path
+) -> Path:
+    """Upstream llama-imatrix output: no in_sum."""
+    out = tmp_path_factory.mktemp("im") / "smol.imatrix.gguf"
+    subprocess.run(
+        [
+            str(llama_imatrix),
+            "-m",
+            str(smollm2_f16),
+            "-f",
+            str(calib_text),
+            "-c",
+            "128",
+            "--chunks",
+            "3",
+            "-t",
+            "2",
+            "-o",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import llqx
 from conftest import default_sigint, subprocess_env
 from llqx import cli, cli_quantize
 from llqx.imatrix import Imatrix, ImatrixEntry
+from llqx.request import QuantizeRequest
 
 REPO = Path(__file__).resolve().parent.parent
 THREADS = "2"
@@ -304,28 +304,35 @@ def test_usage_text_matches_upstream(llama_quantize: Path, capsys: pytest.Captur
             and not ln.strip().startswith(("(llqx)", "--quiet", "--json"))] == up_lines
 
 
-# ---- target-bpw hook --------------------------------------------------------------------------
+# ---- the typed request both front ends build ----------------------------------------------------
 
-def test_target_options_dispatch(monkeypatch: pytest.MonkeyPatch, smollm2_f16: Path, tmp_path: Path) -> None:
-    seen: list[object] = []
-    fake = types.ModuleType("llqx.target_cli")
-    fake.run_target = lambda args: seen.append(args) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "llqx.target_cli", fake)
+def test_both_front_ends_build_the_same_request(smollm2_f16: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "t.gguf")
-    assert cli_quantize.main(["--target-bpw", "4.5", "--state-file", "--imatrix", "x.dat",
-                              str(smollm2_f16), out]) == 0
-    args = seen[-1]
-    assert (args.target_bpw, args.state_file, args.output) == (4.5, "", out)
-    assert (args.ftype, args.imatrix) == (None, "x.dat")
-    assert cli_quantize.main(["--target-size", "1.5G", "--state-file", "s.bin", str(smollm2_f16), out,
-                              "Q4_K_M", "1"]) == 0
-    args = seen[-1]
-    assert (args.target_size, args.state_file) == ("1.5G", "s.bin")
-    assert (args.ftype.name, args.nthread) == ("Q4_K_M", 1)
-    assert cli.main(["quantize", str(smollm2_f16), out, "--target-bpw", "3", "--state-file"]) == 0
-    assert (seen[-1].target_bpw, seen[-1].state_file) == (3.0, "")
-    monkeypatch.setitem(sys.modules, "llqx.target_cli", None)  # import fails
-    assert cli_quantize.main(["--target-bpw", "4.5", str(smollm2_f16), out]) == 1
+    words = ["--target-size", "1.5G", "--state-file", "s.llqx-state", "--imatrix", "x.dat", "--tensor-type",
+             "ffn_down=q8_0", "--override-kv", "a.b=int:1", "--leave-output-tensor", "--candidates", "window",
+             "--score-elements", "4096", str(smollm2_f16), out, "Q4_K_M", "1"]
+    req = cli_quantize.parse_argv(words)
+    assert isinstance(req, QuantizeRequest)
+    assert (req.target_size, req.state_file, req.imatrix, req.output) == (3 << 29, "s.llqx-state", "x.dat", out)
+    assert (req.ftype.name if req.ftype else None, req.nthread) == ("Q4_K_M", 1)
+    assert req.tensor_types == [("ffn_down", llqx.ggml_type("q8_0").id)]
+    assert (req.override_kv, req.leave_output_tensor, req.candidates, req.score_elements) == (
+        ["a.b=int:1"], True, "window", 4096)
+    seen: list[QuantizeRequest] = []
+    parser = cli.build_parser()
+    parsed = parser.parse_args(["quantize", *words[:-4], str(smollm2_f16), out, "Q4_K_M", "1"])
+    parsed.func = None
+    original = cli_quantize.run
+    try:
+        cli_quantize.run = lambda r: seen.append(r) or 0  # type: ignore[assignment]
+        assert cli_quantize._run_subcommand(parsed) == 0
+    finally:
+        cli_quantize.run = original  # type: ignore[assignment]
+    assert seen == [req]
+    # a target needs only the input; --state-file always takes a path
+    assert cli_quantize.parse_argv(["--target-bpw", "4.5", "--dry-run", str(smollm2_f16)]).input == str(smollm2_f16)
+    with pytest.raises(llqx.LlqxError, match="state-file"):
+        cli_quantize.parse_argv(["--target-bpw", "4.5", "--state-file", "--dry-run", str(smollm2_f16)])
 
 
 # ---- bad input: one clear line, non-zero exit, nothing written, input unchanged ---------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -21,40 +20,14 @@ from conftest import default_sigint, subprocess_env
 from llqx import _core
 from llqx.imatrix import Imatrix
 from llqx.optimizer import allocate
+from llqx.quantize import read_tensor_type_file
+from llqx.request import QuantizeRequest, parse_size
 from llqx.scoring import MIN_ROWS, PROPAGATION, output_weights, score, tensor_candidates
 from llqx.state import TensorScore
-from llqx.target_cli import parse_size, run_target
+from llqx.target_cli import run_target
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = 8192  # small sampling keeps the tests fast; the default is exercised by the CLI test
-
-
-@pytest.fixture(scope="session")
-def smol_imatrix(
-    tmp_path_factory: pytest.TempPathFactory, llama_imatrix: Path, smollm2_f16: Path, calib_text: Path
-) -> Path:
-    """Upstream llama-imatrix output: no in_sum."""
-    out = tmp_path_factory.mktemp("im") / "smol.imatrix.gguf"
-    subprocess.run(
-        [
-            str(llama_imatrix),
-            "-m",
-            str(smollm2_f16),
-            "-f",
-            str(calib_text),
-            "-c",
-            "128",
-            "--chunks",
-            "3",
-            "-t",
-            "2",
-            "-o",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +111,7 @@ def _range(scores: llqx.Scores) -> tuple[float, float]:
 
 
 def _reference_sums(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int, sample: int) -> tuple[float, float]:
-    """The method.md §2 estimator in numpy on the same sampled rows (quantization via ggml row calls):
+    """The docs/method.md (scoring) estimator in numpy on the same sampled rows (quantization via ggml row calls):
     expected squared output error and expected squared output of the tensor, expert slices weighted by
     their share of the imatrix counts."""
     t = model.tensor(name)
@@ -369,11 +342,16 @@ def test_state_file_reuse_and_rejection(
             score(smollm2_f16, other, state=state, nthread=2, sample_elements=SAMPLE, progress=False)
     assert any("another imatrix" in r.getMessage() for r in caplog.records)
 
-    # a corrupt file: one line, then rebuilt
+    # a file llqx did not write (or cannot read as its own): refused, never replaced
     state.write_text("{not json", encoding="utf-8")
+    with pytest.raises(llqx.LlqxError, match="not an llqx state file"):
+        score(smollm2_f16, smol_imatrix, state=state, nthread=2, sample_elements=SAMPLE, progress=False)
+    assert state.read_text(encoding="utf-8") == "{not json"
+    # an llqx state file without its tensors: ours, so it is rebuilt
+    state.write_text(json.dumps({"format": "llqx-state", "key": {}}), encoding="utf-8")
     caplog.clear()
     rebuilt = score(smollm2_f16, smol_imatrix, state=state, nthread=2, sample_elements=SAMPLE, progress=False)
-    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    assert any("damaged" in r.getMessage() for r in caplog.records)
     assert rebuilt.curves["blk.0.attn_q.weight"].errors == first.curves["blk.0.attn_q.weight"].errors
     assert json.loads(state.read_text(encoding="utf-8"))["format"] == "llqx-state"
 
@@ -381,28 +359,16 @@ def test_state_file_reuse_and_rejection(
 # ---- bad input -----------------------------------------------------------------------------------
 
 
-def _args(**kw: object) -> argparse.Namespace:
-    base: dict[str, object] = {
-        "input": None,
-        "output": None,
-        "type": None,
-        "nthreads": 2,
-        "imatrix": None,
-        "target_bpw": None,
-        "target_size": None,
-        "state_file": None,
-        "dry_run": False,
-        "tensor_type": [],
-        "tensor_type_file": None,
-        "output_tensor_type": None,
-        "token_embedding_type": None,
-        "json": False,
-        "quiet": True,
-        "score_elements": SAMPLE,
-        "candidates": "window",
-    }
+def _args(**kw: object) -> QuantizeRequest:
+    """The request both quantize front ends build (see test_target_cli.py for the CLI itself)."""
+    base: dict[str, object] = {"nthread": 2, "quiet": True, "score_elements": SAMPLE, "candidates": "window"}
     base.update(kw)
-    return argparse.Namespace(**base)
+    for key in ("input", "output", "imatrix"):
+        if base.get(key) is not None:
+            base[key] = str(base[key])
+    if isinstance(base.get("target_size"), str):
+        base["target_size"] = parse_size(str(base["target_size"]))
+    return QuantizeRequest(**base)  # type: ignore[arg-type]
 
 
 def test_bad_input_is_refused(
@@ -438,7 +404,8 @@ def test_bad_input_is_refused(
     with pytest.raises(llqx.LlqxError, match="pinned tensors"):
         run_target(
             _args(
-                input=smollm2_f16, output=out, imatrix=smol_imatrix, target_bpw=5.0, tensor_type=["blk=f16"]
+                input=smollm2_f16, output=out, imatrix=smol_imatrix, target_bpw=5.0,
+                tensor_types=[("blk", llqx.ggml_type("f16").id)]
             )
         )
     # an upstream imatrix has no activations: a warning, not an error
@@ -462,7 +429,7 @@ def test_dry_run_json(
             target_bpw=7.0,
             dry_run=True,
             json=True,
-            tensor_type_file=tf,
+            tensor_types=read_tensor_type_file(tf),
         )
     )
     assert rc == 0
@@ -479,8 +446,9 @@ def test_dry_run_json(
 # ---- CLI: Ctrl+C and resume, thread count ---------------------------------------------------------
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "llqx.target_cli", *args]
+def _cli(model: str, out: str, threads: str, *opts: str) -> list[str]:
+    """The installed drop-in: options, then input, output, type and thread count, as upstream."""
+    return [str(Path(sys.executable).parent / "llqx-quantize"), *opts, model, out, "Q8_0", threads]
 
 
 def test_sigint_resume_and_threads_give_identical_files(
@@ -492,7 +460,7 @@ def test_sigint_resume_and_threads_give_identical_files(
     ref = tmp_path / "ref.gguf"
     subprocess.run(
         _cli(
-            str(smollm2_f16), str(ref), "--nthreads", "1", "--state-file", str(tmp_path / "a.state"), *common
+            str(smollm2_f16), str(ref), "1", "--state-file", str(tmp_path / "a.state"), *common
         ),
         check=True,
         env=env,
@@ -502,7 +470,7 @@ def test_sigint_resume_and_threads_give_identical_files(
     state = tmp_path / "b.state"
     out = tmp_path / "resumed.gguf"
     proc = subprocess.Popen(
-        _cli(str(smollm2_f16), str(out), "--nthreads", "2", "--state-file", str(state), *common),
+        _cli(str(smollm2_f16), str(out), "2", "--state-file", str(state), *common),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -520,7 +488,7 @@ def test_sigint_resume_and_threads_give_identical_files(
     assert 0 < n_saved < 211
 
     subprocess.run(
-        _cli(str(smollm2_f16), str(out), "--nthreads", "2", "--state-file", str(state), *common),
+        _cli(str(smollm2_f16), str(out), "2", "--state-file", str(state), *common),
         check=True,
         env=env,
         capture_output=True,

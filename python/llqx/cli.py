@@ -14,6 +14,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from .errors import LlqxError
+from .signals import sigterm_as_interrupt
 
 # subcommand name -> module that registers it; each module adds its parser with a `func` default
 SUBCOMMANDS = ("imatrix", "quantize", "eval", "plot", "demo")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sigterm_as_interrupt()
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
@@ -54,7 +56,7 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
     try:
         return int(func(args) or 0)
     except LlqxError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         # whatever was interrupted has saved or removed its files; leave at once, since the

@@ -8,26 +8,9 @@ byte-identical to upstream's for the same inputs. Unlike upstream it refuses bad
 with one line on stderr (missing/foreign/truncated model, output equal to input, unwritable
 output directory, an imatrix made for another model) and never leaves a partial output file.
 
-Both entry points produce the same namespace and call :func:`run`:
-
-=====================  ==========================================================================
-input, output          str; output None for a dry run
-ftype                  llqx.FileType, or None (only in target mode, when no type was given)
-nthread                int (0: llama.cpp's default)
-imatrix                str path or None; include_weights / exclude_weights: list[str]
-output_tensor_type     ggml type name or None; token_embedding_type likewise
-tensor_types           list[(lower-cased pattern, ggml type id)] in command-line order
-                       (``--tensor-type`` and ``--tensor-type-file`` interleaved, as upstream)
-prune_layers           list[int], sorted and unique
-override_kv            list[str] KEY=TYPE:VALUE (validated)
-allow_requantize, leave_output_tensor, pure, keep_split, dry_run, quiet, verbose, json: bool
-max_buffer_size        int MiB (0: llama.cpp's default)
-target_bpw             float or None;  target_size: str or None (``N[B|K|M|G|T]``, unparsed)
-state_file             None (not given), "" (given without a path: the default), or a path
-=====================  ==========================================================================
-
-When ``target_bpw`` or ``target_size`` is set, :func:`run` hands the namespace to
-``llqx.target_cli.run_target(args) -> int`` (owned by the target-bpw module).
+Both entry points build the same typed :class:`~llqx.request.QuantizeRequest` and call :func:`run`,
+which writes with llama.cpp as upstream does, or, when a target is set, hands the request to
+:func:`llqx.target_cli.run_target`.
 """
 
 from __future__ import annotations
@@ -40,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import fields
 from typing import Any
 
 from . import _core
@@ -56,10 +40,18 @@ from .quantize import (
     read_tensor_type_file,
     select_imatrix,
 )
+from .request import (
+    CANDIDATE_MODES,
+    QuantizeRequest,
+    parse_bpw,
+    parse_candidates,
+    parse_score_elements,
+    parse_size,
+)
+from .signals import sigterm_as_interrupt
 from .types import FILE_TYPES, FileType, c_stoi, file_type, ggml_type
 
 PROG = "llqx-quantize"
-STATE_FILE_DEFAULT = ""  # --state-file given without a path
 
 
 def usage_text(prog: str = PROG) -> str:
@@ -99,7 +91,10 @@ def usage_text(prog: str = PROG) -> str:
             "lower it to quantize models with very large tensors on a machine with little RAM"]),
         ("--target-bpw X", ["(llqx) per-tensor types with the lowest error for X bits per weight"]),
         ("--target-size N[B|K|M|G|T]", ["(llqx) the same for an output file of N bytes"]),
-        ("--state-file [PATH]", ["(llqx) keep the measured per-tensor errors for later runs"]),
+        ("--state-file PATH", ["(llqx) keep the measured per-tensor errors in PATH for later runs",
+                               "(an llqx state file; any other file there is refused)"]),
+        ("--candidates all|window", ["(llqx) window: score the IQ1-IQ3 grid types only near the target"]),
+        ("--score-elements N", ["(llqx) elements sampled per tensor when scoring"]),
         ("--quiet / --verbose", ["(llqx) show only errors / also llama.cpp's debug log"]),
         ("--json", ["(llqx) print a JSON summary (output, bytes, bpw, seconds) on stdout"]),
     ]
@@ -109,7 +104,8 @@ def usage_text(prog: str = PROG) -> str:
         "       [--exclude-weights] [--output-tensor-type] [--token-embedding-type] [--tensor-type] "
         "[--tensor-type-file]",
         "       [--prune-layers] [--keep-split] [--override-kv] [--dry-run] [--max-buffer-size]",
-        "       [--target-bpw] [--target-size] [--state-file] [--quiet] [--verbose] [--json]",
+        "       [--target-bpw] [--target-size] [--state-file] [--candidates] [--score-elements] [--quiet]",
+        "       [--verbose] [--json]",
         "       model-f32.gguf [model-quant.gguf] type [nthreads]",
         "",
     ]
@@ -135,16 +131,6 @@ class UsageError(Exception):
     """Bad command line: print the (optional) reason, then the usage text, and exit 1."""
 
 
-def _new_namespace() -> argparse.Namespace:
-    return argparse.Namespace(
-        input=None, output=None, ftype=None, nthread=0, imatrix=None, include_weights=[], exclude_weights=[],
-        output_tensor_type=None, token_embedding_type=None, tensor_types=[], prune_layers=[], override_kv=[],
-        allow_requantize=False, leave_output_tensor=False, pure=False, keep_split=False, dry_run=False,
-        max_buffer_size=0, target_bpw=None, target_size=None, state_file=None, quiet=False, verbose=False,
-        json=False,
-    )
-
-
 # ---- value parsers shared by both entry points (raise LlqxError) ------------------------------
 
 def _ggml_type_name(text: str) -> str:
@@ -158,16 +144,6 @@ def _max_buffer_mib(text: str) -> int:
     return mib
 
 
-def _target_bpw(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise LlqxError(f"invalid --target-bpw '{text}' (a number of bits per weight)") from None
-    if not value > 0:
-        raise LlqxError(f"invalid --target-bpw '{text}' (must be positive)")
-    return value
-
-
 def _kv_checked(text: str) -> str:
     parse_kv_override(text)  # raises LlqxError on a malformed override
     return text
@@ -178,8 +154,9 @@ def _kv_checked(text: str) -> str:
 _VALUE_OPTIONS = {
     "--output-tensor-type", "--token-embedding-type", "--tensor-type", "--tensor-type-file", "--prune-layers",
     "--override-kv", "--imatrix", "--include-weights", "--exclude-weights", "--max-buffer-size",
-    "--target-bpw", "--target-size",
 }
+# llqx's own options: a bad value is one line (LlqxError), not upstream's usage text
+_LLQX_VALUE_OPTIONS = {"--target-bpw", "--target-size", "--state-file", "--candidates", "--score-elements"}
 _FLAG_OPTIONS = {
     "--leave-output-tensor": "leave_output_tensor", "--dry-run": "dry_run",
     "--allow-requantize": "allow_requantize", "--pure": "pure", "--keep-split": "keep_split",
@@ -187,7 +164,7 @@ _FLAG_OPTIONS = {
 }
 
 
-def _apply_value(ns: argparse.Namespace, opt: str, value: str) -> None:
+def _apply_value(ns: QuantizeRequest, opt: str, value: str) -> None:
     """One option with its value, as upstream's loop handles it (LlqxError → usage, except max-buffer)."""
     if opt == "--output-tensor-type":
         ns.output_tensor_type = _ggml_type_name(value)
@@ -208,13 +185,25 @@ def _apply_value(ns: argparse.Namespace, opt: str, value: str) -> None:
     elif opt == "--exclude-weights":
         ns.exclude_weights.append(value)
     elif opt == "--target-bpw":
-        ns.target_bpw = _target_bpw(value)
+        ns.target_bpw = parse_bpw(value)
     elif opt == "--target-size":
-        ns.target_size = value
+        ns.target_size = parse_size(value)
+    elif opt == "--state-file":
+        ns.state_file = _state_path(value)
+    elif opt == "--candidates":
+        ns.candidates = parse_candidates(value)
+    elif opt == "--score-elements":
+        ns.score_elements = parse_score_elements(value)
 
 
-def parse_argv(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse llama-quantize's command line (without the program name) into the shared namespace.
+def _state_path(value: str) -> str:
+    if not value or value.startswith("--"):
+        raise LlqxError(f"--state-file needs a path (got '{value}')")
+    return value
+
+
+def parse_argv(argv: Sequence[str]) -> QuantizeRequest:
+    """Parse llama-quantize's command line (without the program name) into the typed request.
 
     UsageError where upstream prints its usage (exit 1); LlqxError where upstream prints one line
     and returns 1 (missing or invalid type, invalid nthread, invalid --max-buffer-size).
@@ -222,7 +211,7 @@ def parse_argv(argv: Sequence[str]) -> argparse.Namespace:
     argv = list(argv)
     if len(argv) < 2:
         raise UsageError("")
-    ns = _new_namespace()
+    ns = QuantizeRequest(input="")
     i = 0
     while i < len(argv) and argv[i].startswith("--"):
         opt = argv[i]
@@ -240,15 +229,14 @@ def parse_argv(argv: Sequence[str]) -> argparse.Namespace:
                 raise UsageError(str(exc)) from None
             if opt == "--max-buffer-size":
                 ns.max_buffer_size = _max_buffer_mib(argv[i])
-        elif opt == "--state-file" or opt.startswith("--state-file="):
-            # optional value: --state-file=PATH, or a next word that still leaves input and type after it
-            if "=" in opt:
-                ns.state_file = opt.split("=", 1)[1]
-            elif i + 3 < len(argv) and not argv[i + 1].startswith("--"):
+        elif opt in _LLQX_VALUE_OPTIONS or opt.split("=", 1)[0] in _LLQX_VALUE_OPTIONS:
+            name, eq, value = opt.partition("=")
+            if not eq:
+                if i == len(argv) - 1:
+                    raise LlqxError(f"option {opt} needs a value")
                 i += 1
-                ns.state_file = argv[i]
-            else:
-                ns.state_file = STATE_FILE_DEFAULT
+                value = argv[i]
+            _apply_value(ns, name, value)
         else:
             raise UsageError("" if opt == "--help" else f"unknown option '{opt}'")
         i += 1
@@ -256,9 +244,16 @@ def parse_argv(argv: Sequence[str]) -> argparse.Namespace:
     return ns
 
 
-def resolve_positionals(ns: argparse.Namespace, rest: Sequence[str]) -> None:
-    """input [output] type [nthreads], resolved as upstream: the second word is a type if it parses as one."""
-    target_mode = ns.target_bpw is not None or ns.target_size is not None
+def resolve_positionals(ns: QuantizeRequest, rest: Sequence[str]) -> None:
+    """input [output] type [nthreads], resolved as upstream: the second word is a type if it parses as one.
+
+    With a target the type is optional (it only labels general.file_type), so ``input`` alone is
+    enough, and a number right after the output is refused as ambiguous (type or thread count?).
+    """
+    target_mode = ns.target_mode
+    if target_mode and len(rest) == 1:
+        ns.input = rest[0]
+        return
     if len(rest) < 2:
         raise UsageError("bad arguments")
     if ns.include_weights and ns.exclude_weights:
@@ -278,6 +273,9 @@ def resolve_positionals(ns: argparse.Namespace, rest: Sequence[str]) -> None:
                                 "as the output file)")
             k = 2
         else:
+            if target_mode and len(rest) == 3 and c_stoi(rest[2]) is not None:
+                raise LlqxError(f"'{rest[2]}' after the output is ambiguous with a target (type {rest[2]} or "
+                                f"{rest[2]} threads?): name the type, e.g. '{rest[1]} Q8_0 {rest[2]}'")
             ns.ftype = file_type(rest[2])
             if ns.ftype is None:
                 raise LlqxError(f"invalid ftype '{rest[2]}'")
@@ -291,14 +289,6 @@ def resolve_positionals(ns: argparse.Namespace, rest: Sequence[str]) -> None:
 
 
 # ---- running ----------------------------------------------------------------------------------
-
-def _dispatch_target(args: argparse.Namespace) -> int:
-    try:
-        from llqx.target_cli import run_target  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise LlqxError(f"--target-bpw/--target-size are not available in this build ({exc})") from None
-    return int(run_target(args) or 0)
-
 
 def _interrupted() -> None:
     """Ctrl+C: the partial output is already gone; llama.cpp's worker cannot be stopped, so leave now."""
@@ -331,12 +321,16 @@ class _LlamaLog:
         self.logger.propagate = self.saved[1]
 
 
-def run(args: argparse.Namespace) -> int:
-    """Quantize as the parsed command line says; LlqxError for bad input (the caller prints it)."""
-    if args.target_bpw is not None or args.target_size is not None:
-        return _dispatch_target(args)
-    if args.state_file is not None:
-        raise LlqxError("--state-file is only used with --target-bpw or --target-size")
+def run(args: QuantizeRequest) -> int:
+    """Quantize as the request says; LlqxError for bad input (the caller prints it)."""
+    if args.target_mode:
+        from .target_cli import run_target  # scoring and planning load only for a target
+
+        return run_target(args)
+    for given, option in ((args.state_file, "--state-file"), (args.candidates != "all", "--candidates"),
+                          (args.score_elements, "--score-elements")):
+        if given:
+            raise LlqxError(f"{option} is only used with --target-bpw or --target-size")
     ft: FileType | None = args.ftype
     if ft is None:
         raise LlqxError("missing ftype")
@@ -394,9 +388,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _WarningLine(logging.Handler):
+    """llqx's own warnings (state rebuilt, scoring interrupted, ...) as plain lines on stderr;
+    llama.cpp's log has its own handler (_LlamaLog)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.addFilter(lambda record: not record.name.startswith(_log.logger.name))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{PROG}: warning: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script `llqx-quantize`: llama-quantize's command line and exit codes."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    sigterm_as_interrupt()
+    warnings = _WarningLine()
+    llqx_logger = logging.getLogger("llqx")
+    llqx_logger.addHandler(warnings)
+    try:
+        return _main(argv)
+    finally:
+        llqx_logger.removeHandler(warnings)
+
+
+def _main(argv: list[str]) -> int:
     try:
         args = parse_argv(argv)
     except UsageError as exc:
@@ -443,14 +460,20 @@ class _Checked(argparse.Action):
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """The target-bpw options (handled by llqx.target_cli.run_target)."""
+    """The target options (handled by llqx.target_cli.run_target)."""
     g = parser.add_argument_group("target size (llqx)")
-    g.add_argument("--target-bpw", metavar="X", action=_Checked, convert=_target_bpw, default=None,
-                   help="choose per-tensor types with the lowest error for X bits per weight")
-    g.add_argument("--target-size", metavar="N[B|K|M|G|T]", default=None,
-                   help="the same for an output file of N bytes")
-    g.add_argument("--state-file", metavar="PATH", nargs="?", const=STATE_FILE_DEFAULT, default=None,
-                   help="keep the measured per-tensor errors for later runs (default path without PATH)")
+    g.add_argument("--target-bpw", metavar="X", action=_Checked, convert=parse_bpw, default=None,
+                   help="the lowest-error mix at or below X bits per weight (llama.cpp's BPW over all tensors)")
+    g.add_argument("--target-size", metavar="N[B|K|M|G|T]", action=_Checked, convert=parse_size, default=None,
+                   help="the same for a whole file of at most N bytes (K, M, G, T: powers of 1024)")
+    g.add_argument("--state-file", metavar="PATH", action=_Checked, convert=_state_path, default=None,
+                   help="keep the scoring in PATH (an llqx state file; any other file is refused): "
+                   "resumes after Ctrl+C and serves later targets at once")
+    g.add_argument("--candidates", choices=CANDIDATE_MODES, default="all",
+                   help="all (default): score every candidate type; window: score the IQ1/IQ2/IQ3 grid types "
+                   "only near the target (a faster first run; the mix can be a little worse)")
+    g.add_argument("--score-elements", metavar="N", action=_Checked, convert=parse_score_elements, default=None,
+                   help="elements sampled per tensor when scoring (default: 1/32 of it, 32K to 256K)")
 
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
@@ -488,15 +511,14 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_subcommand(parsed: argparse.Namespace) -> int:
-    args = _new_namespace()
-    for key, value in vars(parsed).items():
-        if key not in ("words", "func", "command"):
-            setattr(args, key, value)
+    """`llqx quantize`: the same typed request as llqx-quantize's, from argparse's result."""
+    names = {f.name for f in fields(QuantizeRequest)}
+    request = QuantizeRequest(**{k: v for k, v in vars(parsed).items() if k in names and k != "input"}, input="")
     try:
-        resolve_positionals(args, parsed.words)
+        resolve_positionals(request, parsed.words)
     except UsageError as exc:
         raise LlqxError(str(exc)) from None
-    return run(args)
+    return run(request)
 
 
 def register(subparsers: Any) -> None:

@@ -367,6 +367,12 @@ def evaluate(
     """
     if ctx < 8:
         raise LlqxError("context size (-c) must be at least 8 tokens")
+    if chunks is not None and chunks <= 0:
+        raise LlqxError(f"--chunks must be a positive number of chunks, got {chunks}")
+    if threads is not None and threads < 0:
+        raise LlqxError(f"--threads must be positive (or 0 for all cores), got {threads}")
+    if n_gpu_layers < -1:
+        raise LlqxError(f"--n-gpu-layers must be -1 (all) or a count, got {n_gpu_layers}")
     base_path = Path(base)
     quant_paths = [Path(q) for q in quants]
     for p in [base_path, *quant_paths]:
@@ -374,6 +380,11 @@ def evaluate(
             raise LlqxError(f"model not found: {p}")
     # read every header first: a bad file fails in one clear line before any model runs
     infos = {p: inspect(p) for p in [base_path, *quant_paths]}
+    for p, info in infos.items():
+        trained = info.metadata.get(f"{info.architecture}.context_length")
+        if isinstance(trained, int) and 0 < trained < ctx:
+            raise LlqxError(f"context size {ctx} is larger than the {trained} tokens {p} was trained on "
+                            f"(its logits past {trained} are meaningless): use -c {trained} or less")
     threads = threads if threads and threads > 0 else (os.cpu_count() or 1)
     name, content = _read_text(text)
     name = text_name or name

@@ -1,5 +1,5 @@
 """Byte allocation over per-tensor error curves: Pareto set, lower convex hull, Lagrangian bisection
-and greedy fill (method.md §3). Pure numpy, deterministic."""
+and greedy fill (docs/method.md, optimizer). Pure numpy, deterministic."""
 
 from __future__ import annotations
 

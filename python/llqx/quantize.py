@@ -30,6 +30,8 @@ from .types import FileType, c_stoi, file_type, ggml_type
 if TYPE_CHECKING:
     from .plan import Plan
 
+# a plan is written as pure Q8_0 with one override per tensor: general.file_type says 7 unless a type is given
+PLAN_BASE_FTYPE = 7
 KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
 KEY_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
@@ -174,7 +176,7 @@ def parse_prune_layers(text: str) -> list[int]:
     return sorted(out)
 
 
-def _check_paths(inp: Path, out: Path | None) -> ModelInfo:
+def check_paths(inp: Path, out: Path | None) -> ModelInfo:
     if not inp.exists():
         raise LlqxError(f"input model not found: {inp}")
     if not inp.is_file():
@@ -196,24 +198,29 @@ def _check_paths(inp: Path, out: Path | None) -> ModelInfo:
     return info
 
 
-def check_imatrix_fits(sel: ImatrixSelection, info: ModelInfo, source: str) -> None:
-    """Refuse an imatrix made for another model: no tensor names in common, or widths that differ.
+def check_imatrix_fits(im: Imatrix, info: ModelInfo, source: str) -> None:
+    """Refuse an imatrix made for another model (no tensor names in common, or widths that differ) or
+    holding NaN/inf: the one check the writer and the scorer share.
 
     llama.cpp quantizes silently without weights when no name matches; llqx calls it an error.
     The width rule is llama.cpp's own (ne[0]·ne[2], token embeddings exempt), checked up front.
     """
     tensors = {t.name: t for t in info.tensors}
-    matched = [name for name in sel.weights if name in tensors]
+    matched = [name for name in im.entries if name in tensors]
     if not matched:
         raise LlqxError(f"imatrix {source} does not belong to this model: none of its "
-                        f"{len(sel.weights)} tensor names is in {info.path}")
+                        f"{len(im.entries)} tensor names is in {info.path}")
     for name in matched:
         t = tensors[name]
+        e = im.entries[name]
         want = t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1)
-        have = int(np.asarray(sel.weights[name]).size)
+        have = int(e.in_sum2.size)
         if have != want and "token_embd" not in name:
             raise LlqxError(f"imatrix {source} does not belong to this model: {name} has {have} "
                             f"values, the tensor needs {want}")
+        parts = [e.in_sum2, e.counts] + ([] if e.in_sum is None else [e.in_sum])
+        if not all(np.isfinite(np.asarray(x, dtype=np.float64)).all() for x in parts):
+            raise LlqxError(f"imatrix {source} holds NaN or infinite values for {name}")
 
 
 def release_memory() -> None:
@@ -245,6 +252,14 @@ def run_model_quantize(request: _core.QuantizeRequest) -> None:
         worker.join(0.1)
     if failure:
         raise LlqxError(_log.last_error(str(failure[0]) or "llama.cpp failed to quantize"))
+
+
+def _nearly_full(directory: Path) -> bool:
+    """Less room left than one more tensor could need (llama.cpp writes in pieces of up to 64 MiB)."""
+    try:
+        return shutil.disk_usage(directory).free < (64 << 20)
+    except OSError:
+        return False
 
 
 def _remove_tree(path: Path) -> None:
@@ -306,7 +321,7 @@ def quantize(
         if keep_split and ".gguf" in out_name:  # upstream: the prefix loses its suffix
             out_name = out_name[: -len(".gguf")]
         out = Path(out_name)
-    info = _check_paths(inp, out)
+    info = check_paths(inp, out)
 
     overrides: list[tuple[str, int]] = []
     if tensor_type_file is not None:
@@ -344,9 +359,11 @@ def quantize(
     kv_overrides = [parse_kv_override(s) for s in override_kv]
     if plan is not None:
         # one anchored override per tensor on a pure Q8_0 base: llama.cpp writes exactly the plan
-        req.ftype = file_type("Q8_0").ftype  # type: ignore[union-attr]
+        if plan.requantize and not allow_requantize:
+            raise LlqxError(f"{inp} is already quantized: requantizing loses quality; pass "
+                            "allow_requantize=True to do it anyway")
+        req.ftype = PLAN_BASE_FTYPE
         req.pure = True
-        req.allow_requantize = req.allow_requantize or plan.requantize
         for pattern, tt in plan.overrides():
             req.add_tensor_override(pattern, tt)
         if imatrix_label is None:
@@ -363,7 +380,7 @@ def quantize(
         if check_imatrix:
             if not im.entries:
                 raise LlqxError(f"imatrix {label} holds no entries")
-            check_imatrix_fits(ImatrixSelection(im.quantize_weights()), info, label)
+            check_imatrix_fits(im, info, label)
         for name, values in sel.weights.items():
             req.add_imatrix(name, values)
         kv_overrides.extend(imatrix_kv_overrides(sel, label))
@@ -403,7 +420,13 @@ def _run_to(req: _core.QuantizeRequest, out: Path | None, plan: Plan | None,
         if on_start is not None:
             on_start()
         release_memory()
-        run_model_quantize(req)
+        try:
+            run_model_quantize(req)
+        except LlqxError:
+            # llama.cpp reports a full disk as a bare stream error: name it by what the disk says
+            if _nearly_full(out.parent):
+                raise LlqxError(f"no space left on device: {out}") from None
+            raise
         produced = sorted(tmpdir.iterdir())
         if not produced:
             raise LlqxError(f"llama.cpp wrote no output for {out}")

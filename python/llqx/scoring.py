@@ -1,4 +1,4 @@
-"""The scoring pass (method.md §2): per quantizable tensor, the error of every candidate type.
+"""The scoring pass (docs/method.md, scoring): per quantizable tensor, the error of every candidate type.
 
 ``score(model, imatrix)`` streams the model through the C++ scorer (sampled rows, quantized with each
 expert's importance values, weighted error with the mean-activation term) and returns ``Scores``,
@@ -29,13 +29,14 @@ from .imatrix import Imatrix
 from .model import ModelInfo, TensorInfo, inspect
 from .optimizer import allocate
 from .plan import Plan, PlanTensor, padded
-from .quantize import imatrix_kv_overrides, select_imatrix
-from .state import ScoreState, TensorScore, load_state
+from .quantize import check_imatrix_fits, imatrix_kv_overrides, select_imatrix
+from .request import CANDIDATE_MODES
+from .state import ScoreState, TensorScore, check_state_path, load_state
 from .types import ggml_type, ggml_types
 
 log = logging.getLogger("llqx")
 
-# method.md §2; the 16-bit candidate is F16, or BF16 for a BF16 source
+# docs/method.md, candidates; the 16-bit candidate is F16, or BF16 for a BF16 source
 CANDIDATES = (
     "IQ1_S",
     "IQ1_M",
@@ -59,7 +60,6 @@ CANDIDATES = (
     "F16",
 )
 SCORING_VERSION = 2
-CANDIDATE_MODES = ("window", "all")
 # window mode: plan over every type but the grid types more than this many bpw below the mean bpw the
 # free tensors can spend; then, per tensor, add the next grid type down while the pick is the cheapest
 # type above the grid types left out (plans equal the full candidate set's on the test models and on
@@ -213,24 +213,6 @@ class TensorCurve:
     errors: list[float]
 
 
-def _check_imatrix(info: ModelInfo, im: Imatrix) -> None:
-    tensors = {t.name: t for t in info.tensors}
-    matched = 0
-    for name, e in im.entries.items():
-        t = tensors.get(name)
-        if t is None:
-            continue
-        ne0, _, ne2 = _shape3(t)
-        if e.in_sum2.size != ne0 * ne2:
-            raise LlqxError(
-                f"imatrix does not fit this model: {name} has {e.in_sum2.size} values, the model's "
-                f"tensor needs {ne0 * ne2} (an imatrix of another model?)"
-            )
-        matched += 1
-    if matched == 0:
-        raise LlqxError("imatrix has no entry for any tensor of this model: it was made for another model")
-
-
 def _model_hash(info: ModelInfo) -> str:
     """Header bytes plus a few sampled blocks of every tensor's data: cheap, and changes with the data."""
     h = hashlib.sha256()
@@ -245,8 +227,8 @@ def _model_hash(info: ModelInfo) -> str:
 
 
 def _importance(im: Imatrix | None, t: TensorInfo) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if im is None or t.name not in im.entries:
-        return None, None
+    if im is None or t.name not in im.entries or im.entries[t.name].in_sum2.size != t.shape[0] * _shape3(t)[2]:
+        return None, None  # no entry, or a token-embedding entry of another width (llama.cpp ignores it too)
     w = np.ascontiguousarray(im.values(t.name).reshape(-1), dtype=np.float32)
     a = im.activations(t.name)
     return w, (None if a is None else np.ascontiguousarray(a.reshape(-1), dtype=np.float32))
@@ -435,17 +417,28 @@ class Scores:
     meta_size: int
     has_activations: bool
     candidates: dict[str, list[int]] = field(default_factory=dict)
-    scorer: _Scorer | None = field(default=None, repr=False)  # set in window mode: scores on demand
+    scorer: _Scorer | None = field(default=None, repr=False)  # set until score_all(): scores on demand
+    _imatrix_kvs: list[_core.KvOverride] = field(default_factory=list, repr=False)
+    _warned: bool = field(default=False, init=False, repr=False)
     _bpw: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
 
     def pins(
         self,
-        tensor_types: Iterable[tuple[str, str | int]] = (),
+        tensor_types: Iterable[tuple[str, str | int] | str] = (),
         output_tensor_type: str | int | None = None,
         token_embedding_type: str | int | None = None,
+        leave_output_tensor: bool = False,
     ) -> dict[str, int]:
-        """Types fixed by the user, resolved per tensor as llama.cpp would (first matching pattern wins)."""
-        patterns = [(re.compile(p.lower()), ggml_type(tt).id) for p, tt in tensor_types]
+        """Types fixed by the user, resolved per tensor as llama.cpp would (first matching pattern wins).
+
+        ``tensor_types`` holds ``(pattern, type)`` pairs or ``"pattern=type"`` strings; with
+        ``leave_output_tensor`` output.weight keeps the type it has.
+        """
+        from .quantize import parse_tensor_type
+
+        pairs = [parse_tensor_type(x) if isinstance(x, str) else x for x in tensor_types]
+        patterns = [(re.compile(p.lower()), ggml_type(tt).id) for p, tt in pairs]
+        tied = all(t.name != "output.weight" for t in self.model.tensors)
         out: dict[str, int] = {}
         for name in self.candidates:
             t = self.model.tensor(name)
@@ -457,10 +450,15 @@ class Scores:
                 and not (name == "per_layer_token_embd.weight" and named is not None)
             ):
                 chosen = ggml_type(token_embedding_type).id
+            elif leave_output_tensor and name == "output.weight":
+                out[name] = t.type
+                continue
             elif output_tensor_type is not None and name == "output.weight":
                 chosen = ggml_type(output_tensor_type).id
             elif named is not None:
                 chosen = named
+            elif output_tensor_type is not None and name == "token_embd.weight" and tied:
+                chosen = ggml_type(output_tensor_type).id  # llama.cpp: a tied head's type is the output's
             if chosen is None:
                 continue
             gt = ggml_type(chosen)
@@ -471,6 +469,38 @@ class Scores:
                 raise LlqxError(f"pinning {name} to {ggml_type(chosen).name} needs an imatrix")
             out[name] = chosen
         return out
+
+    def check_target(
+        self,
+        target_bpw: float | None = None,
+        target_size: int | None = None,
+        *,
+        tensor_types: Iterable[tuple[str, str | int] | str] = (),
+        output_tensor_type: str | int | None = None,
+        token_embedding_type: str | int | None = None,
+        leave_output_tensor: bool = False,
+    ) -> None:
+        """LlqxError for a target no mix can reach with these pins; needs no scores, so it runs first."""
+        if (target_bpw is None) == (target_size is None):
+            raise LlqxError("give exactly one of target_bpw and target_size")
+        pins = self.pins(tensor_types, output_tensor_type, token_embedding_type, leave_output_tensor)
+        self._budget(target_bpw, target_size, pins)
+
+    def score_all(self) -> None:
+        """Score every candidate of every tensor now (a no-op once done): plan() then scores nothing."""
+        if self.scorer is None:
+            return
+        self.scorer.ensure(self.candidates)
+        self.curves = self.scorer.curves()
+        self.scorer = None
+
+    def set_metadata(self, override_kv: Iterable[str] = (), ftype: int = 7) -> None:
+        """Count these metadata overrides and this general.file_type in the file size (target_size)."""
+        from .quantize import parse_kv_override
+
+        self.meta_size = int(
+            _core.layout_meta_size(self.model.path, [*self._imatrix_kvs, *map(parse_kv_override, override_kv)], ftype)
+        )
 
     def _budget(self, target_bpw: float | None, target_size: int | None, pins: dict[str, int]) -> _Budget:
         """The byte budget of a target; LlqxError when no mix of the candidates reaches it."""
@@ -533,15 +563,21 @@ class Scores:
         target_bpw: float | None = None,
         target_size: int | None = None,
         *,
-        tensor_types: Iterable[tuple[str, str | int]] = (),
+        tensor_types: Iterable[tuple[str, str | int] | str] = (),
         output_tensor_type: str | int | None = None,
         token_embedding_type: str | int | None = None,
+        leave_output_tensor: bool = False,
     ) -> Plan:
-        """The lowest-error mix at or below target_bpw (llama.cpp's BPW) or target_size (whole file)."""
+        """The lowest-error mix at or below target_bpw (llama.cpp's BPW) or target_size (whole file).
+
+        Pins as in pins(); their bytes count in the budget."""
         if (target_bpw is None) == (target_size is None):
             raise LlqxError("give exactly one of target_bpw and target_size")
-        pins = self.pins(tensor_types, output_tensor_type, token_embedding_type)
+        pins = self.pins(tensor_types, output_tensor_type, token_embedding_type, leave_output_tensor)
         b = self._budget(target_bpw, target_size, pins)
+        if self.imatrix_label is not None and not self.has_activations and not self._warned:
+            self._warned = True  # said once, when the estimate is first used (after every check passed)
+            log.warning("the imatrix has no activation sums (in_sum): scoring without the mean-activation term")
         if self.scorer is None:
             sets = {name: c for name, c in self.candidates.items() if name not in pins}
             return self._plan_over(b, sets, target_bpw, target_size)
@@ -692,6 +728,7 @@ def score(
     progress: bool = True,
     candidates: str = "all",
     imatrix_label: str | None = None,
+    defer: bool = False,
 ) -> Scores:
     """Score every quantizable tensor of a GGUF model under its candidate types.
 
@@ -702,7 +739,8 @@ def score(
     imatrix skips what it holds). ``candidates``: ``"all"`` scores every candidate type now;
     ``"window"`` scores nothing yet: each ``plan()`` scores the types near its target (more when a
     tensor's pick lands at the edge of them), adding them to the state file. ``imatrix_label``: the
-    name recorded in the output for an Imatrix object (a path names itself).
+    name recorded in the output for an Imatrix object (a path names itself). ``defer``: with
+    ``"all"``, score nothing yet (check_target() first, then score_all()).
     """
     if candidates not in CANDIDATE_MODES:
         raise LlqxError(f"unknown candidates mode '{candidates}' (use {' or '.join(CANDIDATE_MODES)})")
@@ -716,11 +754,7 @@ def score(
     else:
         im, label = Imatrix.load(imatrix), imatrix_label or os.fspath(imatrix)
     if im is not None:
-        _check_imatrix(info, im)
-        if not im.has_activations:
-            log.warning(
-                "the imatrix has no activation sums (in_sum): scoring without the mean-activation term"
-            )
+        check_imatrix_fits(im, info, label or "")
     arch = info.architecture
     quantizable = [t for t in info.tensors if tensor_is_quantizable(t.name, len(t.shape), arch)]
     for t in quantizable:
@@ -740,15 +774,17 @@ def score(
             "min_rows": MIN_ROWS,
         },
     }
+    if state is not None:
+        check_state_path(Path(state), {"model": model, "imatrix": None if isinstance(imatrix, Imatrix) else imatrix})
     st = load_state(None if state is None else Path(state), key)
     scorer = _Scorer(info, im, quantizable, cands, st, nthread, sample_elements, progress)
     kvs = [] if im is None else imatrix_kv_overrides(select_imatrix(im), label or "")
     meta = int(_core.layout_meta_size(info.path, kvs, 7))
     has_act = im is not None and im.has_activations
-    if candidates == "all":
-        scorer.ensure(cands)
-        return Scores(info, scorer.curves(), label, meta, has_act, cands)
-    return Scores(info, scorer.curves(), label, meta, has_act, cands, scorer)
+    scores = Scores(info, scorer.curves(), label, meta, has_act, cands, scorer, kvs)
+    if candidates == "all" and not defer:
+        scores.score_all()
+    return scores
 
 
 class _Scorer:

@@ -5,8 +5,10 @@ sampled tensor bytes), of the importance data the scorer used and the scoring ve
 sampling settings. Each tensor's entry lists the candidate types scored so far (the type llama.cpp
 will write, after its width fallback) with their errors: an error does not depend on which other types
 were scored with it, so a later run adds the types it needs to the entry without rescoring the others.
-A file whose key differs, or that cannot be read, is reported in one line and rebuilt; it is never
-trusted. Writes are atomic (temporary file, then rename).
+A state file whose key differs is reported in one line and rebuilt; it is never trusted. A path that
+holds anything but an llqx state file is refused before anything is written (it may be the user's
+model), and so is a state path naming the model, the imatrix or the output. Writes are atomic
+(temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import LlqxError
 
 log = logging.getLogger("llqx")
 
@@ -108,23 +112,43 @@ def _describe_mismatch(found: dict[str, Any], want: dict[str, Any]) -> str:
 _RETIRED_KEYS = ("candidates",)
 
 
+def check_state_path(path: Path, others: dict[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse a state path that names one of the others (model, imatrix, output: by what they are)."""
+    for what, other in others.items():
+        if other is None:
+            continue
+        same = os.path.abspath(path) == os.path.abspath(other)
+        if not same and path.exists() and Path(other).exists():
+            same = os.path.samefile(path, other)
+        if same:
+            raise LlqxError(f"the state file {path} is the {what}: give --state-file its own path")
+
+
 def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
-    """The state at path if it matches key; otherwise an empty state (reported in one line)."""
+    """The state at path if it matches key; otherwise an empty state (reported in one line).
+
+    LlqxError when path exists but is not an llqx state file: llqx never replaces a file it did not write.
+    """
     state = ScoreState(path, key)
     if path is None or not path.exists():
         return state
+    refuse = f"refusing to use {path} as the state file: it exists and is not an llqx state file"
+    if not path.is_file():
+        raise LlqxError(refuse)
     try:
+        with path.open("rb") as f:
+            head = f.read(64)
+        if not head.lstrip().startswith(b"{"):
+            raise ValueError("not JSON")
         doc = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-            raise ValueError("not an llqx state file")
-        found = doc.get("key")
-        if not isinstance(found, dict):
-            raise ValueError("no key")
-        tensors = doc.get("tensors")
-        if not isinstance(tensors, dict):
-            raise ValueError("no tensors")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        log.warning("state file %s is unreadable (%s): rebuilding it", path, exc)
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise LlqxError(refuse) from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise LlqxError(refuse)
+    found = doc.get("key")
+    tensors = doc.get("tensors")
+    if not isinstance(found, dict) or not isinstance(tensors, dict):
+        log.warning("state file %s is damaged: rebuilding it", path)
         return state
     found = {k: v for k, v in found.items() if k not in _RETIRED_KEYS}
     if found != key:
