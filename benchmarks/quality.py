@@ -35,7 +35,7 @@ from pathlib import Path
 
 import llqx
 from llqx import data
-from llqx.cli_eval import eval_progress, markdown_table
+from llqx.cli.eval import eval_progress, markdown_table
 from llqx.errors import LlqxError
 from llqx.evaluate import Estimate, QuantResult
 from llqx.upstream import upstream_tool
@@ -165,16 +165,9 @@ def proxy_errors(model: Path, imatrix: Path, state: Path, files: list[Path]) -> 
     scores = llqx.score(model, imatrix, state=state, progress=False)
     out: dict[str, float] = {}
     for f in files:
-        total = 0.0
-        for t in llqx.inspect(f).tensors:
-            c = scores.curves.get(t.name)
-            if c is None:
-                continue
-            if t.type not in c.types:
-                break  # a type the estimator did not score: no proxy for this file
-            total += c.errors[c.types.index(t.type)]
-        else:
-            out[str(f)] = total
+        error = scores.mix_error({t.name: t.type for t in llqx.inspect(f).tensors})
+        if error is not None:
+            out[str(f)] = error
     return out
 
 
@@ -207,7 +200,7 @@ def llqx_quantize_cmd() -> list[str]:
     exe = shutil.which("llqx-quantize")
     if exe:
         return [exe]
-    return [sys.executable, "-c", "import sys; from llqx.cli_quantize import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from llqx.cli.quantize import main; sys.exit(main())"]
 
 
 def quant_record(prefix: str, q: QuantResult | None) -> dict[str, object]:

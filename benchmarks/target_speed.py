@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "python"))
 
 import llqx  # noqa: E402
 from llqx import data  # noqa: E402
+from llqx.llama_rules import tensor_is_quantizable  # noqa: E402
 from llqx.plan import anchored_pattern  # noqa: E402
-from llqx.scoring import tensor_is_quantizable  # noqa: E402
 
 # child processes import the same llqx as this script (installed, or python/ of a dev build)
 LLQX_ROOT = str(Path(data.__file__).resolve().parent.parent)
@@ -134,20 +134,20 @@ def main() -> int:
     out = work / "llqx-target.gguf"
     cmd = [
         sys.executable,
-        "-m",
-        "llqx.target_cli",
-        str(model),
-        str(out),
+        "-c",
+        "import sys; from llqx.cli.quantize import main; sys.exit(main())",
         "--imatrix",
         str(imatrix),
         "--target-bpw",
         str(target),
-        "--nthreads",
-        str(args.threads),
         "--state-file",
         str(state),
         *(["--candidates", args.candidates] if args.candidates else []),
         "--quiet",
+        str(model),
+        str(out),
+        "Q8_0",
+        str(args.threads),
     ]
     mix = work / "llqx-mix.txt"
     mix_out = work / "upstream-mix.gguf"

@@ -76,29 +76,15 @@ def eval_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def upstream_imatrix(llama_imatrix: Path, model: Path, text: Path, out: Path) -> Path:
+    """llama-imatrix's file for a model (3 chunks of 128 tokens of the calibration slice): no in_sum."""
+    cmd = [llama_imatrix, "-m", model, "-f", text, "-c", "128", "--chunks", "3", "-t", "2", "-o", out]
+    subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def smol_imatrix(
     tmp_path_factory: pytest.TempPathFactory, llama_imatrix: Path, smollm2_f16: Path, calib_text: Path
 ) -> Path:
-    """Upstream llama-imatrix output: no in_sum."""
-    out = tmp_path_factory.mktemp("im") / "smol.imatrix.gguf"
-    subprocess.run(
-        [
-            str(llama_imatrix),
-            "-m",
-            str(smollm2_f16),
-            "-f",
-            str(calib_text),
-            "-c",
-            "128",
-            "--chunks",
-            "3",
-            "-t",
-            "2",
-            "-o",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return out
+    return upstream_imatrix(llama_imatrix, smollm2_f16, calib_text, tmp_path_factory.mktemp("im") / "smol.imatrix.gguf")

@@ -19,7 +19,8 @@ import pytest
 
 import llqx
 from conftest import default_sigint, subprocess_env
-from llqx import cli, cli_quantize
+from llqx import cli
+from llqx.cli import quantize as cli_quantize
 from llqx.imatrix import Imatrix, ImatrixEntry
 from llqx.request import QuantizeRequest
 
@@ -210,7 +211,7 @@ def test_api_is_silent(tmp_path: Path, smollm2_f16: Path) -> None:
     assert r.stderr == ""
     out.unlink()
     layers = ",".join(str(i) for i in range(2, 30))
-    r = _run([sys.executable, "-m", "llqx.cli_quantize", "--prune-layers", layers, smollm2_f16, out, "Q8_0"],
+    r = _run([str(Path(sys.executable).parent / "llqx-quantize"), "--prune-layers", layers, smollm2_f16, out, "Q8_0"],
              env=_env())
     assert r.returncode == 0, r.stderr
     assert "llama_model_quantize_impl: quant size" in r.stderr
@@ -434,7 +435,7 @@ def test_ctrl_c_removes_partial_output(tmp_path: Path, model_copy: Path, imatrix
     out = tmp_path / "out.gguf"
     # IQ3_XXS with an imatrix on one thread: tens of seconds, so the signal lands mid-write even on a
     # loaded machine
-    cmd = [sys.executable, "-m", "llqx.cli_quantize", "--imatrix", str(imatrix_files["gguf"]), str(model_copy),
+    cmd = [str(Path(sys.executable).parent / "llqx-quantize"), "--imatrix", str(imatrix_files["gguf"]), str(model_copy),
            str(out), "IQ3_XXS", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), text=True,
                             preexec_fn=default_sigint)

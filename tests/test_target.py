@@ -16,15 +16,17 @@ import numpy as np
 import pytest
 
 import llqx
-from conftest import default_sigint, subprocess_env
+from conftest import default_sigint, subprocess_env, upstream_imatrix
 from llqx import _core
+from llqx.cli.target import run_target
+from llqx.estimator import PROPAGATION, output_weights
 from llqx.imatrix import Imatrix
+from llqx.llama_rules import tensor_candidates
 from llqx.optimizer import allocate
 from llqx.quantize import read_tensor_type_file
 from llqx.request import QuantizeRequest, parse_size
-from llqx.scoring import MIN_ROWS, PROPAGATION, output_weights, score, tensor_candidates
+from llqx.scoring import MIN_ROWS, score
 from llqx.state import TensorScore
-from llqx.target_cli import run_target
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = 8192  # small sampling keeps the tests fast; the default is exercised by the CLI test
@@ -36,26 +38,7 @@ def moe_imatrix(
 ) -> Path:
     """Upstream imatrix of the MoE fixture with synthesized activation sums (in_sum) added."""
     d = tmp_path_factory.mktemp("im")
-    raw = d / "moe.upstream.gguf"
-    subprocess.run(
-        [
-            str(llama_imatrix),
-            "-m",
-            str(moe_f16),
-            "-f",
-            str(calib_text),
-            "-c",
-            "128",
-            "--chunks",
-            "3",
-            "-t",
-            "2",
-            "-o",
-            str(raw),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    raw = upstream_imatrix(llama_imatrix, moe_f16, calib_text, d / "moe.upstream.gguf")
     im = Imatrix.load(raw)
     rng = np.random.default_rng(7)
     for e in im.entries.values():
@@ -180,15 +163,33 @@ def test_candidates_follow_the_width_fallback(smol_scores: llqx.Scores) -> None:
     assert names == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"}
     d = smol_scores.curves["blk.0.ffn_down.weight"]  # 1536 wide: every candidate
     assert len(d.types) == 20
-    # token_embd has no imatrix entry: no type that needs one
-    te = smol_scores.model.tensor("token_embd.weight")
-    assert all(
-        not llqx.ggml_type(t).requires_imatrix or t in tensor_candidates(te, False)
-        for t in smol_scores.curves["token_embd.weight"].types
-    )
+    # token_embd has no imatrix entry and is 576 wide: only the legacy types and F16 are left
+    te = {llqx.ggml_type(t).name.upper() for t in smol_scores.curves["token_embd.weight"].types}
+    assert te == {"IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"}
     # norms are kept; errors fall with bytes along the hull's end points
     assert "blk.0.attn_norm.weight" not in smol_scores.curves
     assert q.errors[q.types.index(llqx.ggml_type("F16").id)] == 0.0
+
+
+# llama.cpp b11312's rules, transcribed from its source as the reference: llama-quant.cpp's
+# tensor_requires_imatrix (these types, Q2_K only in a Q2_K_S file) for every tensor but the token
+# embedding and the output head, where only ggml_quantize_requires_imatrix's types remain (ggml.c)
+NEED_IMATRIX = {"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"}
+NEED_IMATRIX_HEAD = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}
+
+
+@pytest.mark.parametrize(("name", "refused"), [
+    ("blk.0.attn_q.weight", NEED_IMATRIX),
+    ("blk.3.ffn_down_exps.weight", NEED_IMATRIX),
+    ("token_embd.weight", NEED_IMATRIX_HEAD),
+    ("output.weight", NEED_IMATRIX_HEAD),
+])
+def test_candidates_without_an_imatrix_follow_llama_cpp(name: str, refused: set[str]) -> None:
+    t = llqx.TensorInfo(name, llqx.ggml_type("F16").id, (256, 64), 0, 256 * 64 * 2)  # 256 wide: no fallback
+    with_weights = {llqx.ggml_type(x).name.upper() for x in tensor_candidates(t, True)}
+    without = {llqx.ggml_type(x).name.upper() for x in tensor_candidates(t, False)}
+    assert len(with_weights) == 20
+    assert with_weights - without == refused
 
 
 def test_scoring_is_thread_count_independent(

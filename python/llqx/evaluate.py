@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ import numpy as np
 
 from . import _core
 from . import log as _log
+from .atomic import atomic_path
 from .data import cache_dir
 from .errors import LlqxError
 from .model import inspect
@@ -202,12 +202,6 @@ def token_statistics(
     }
 
 
-def _atomic_path(target: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix="." + target.name + ".", dir=target.parent)
-    os.close(fd)
-    return Path(name)
-
-
 @dataclass
 class _Base:
     tokens: np.ndarray
@@ -293,52 +287,23 @@ def _base_pass(
     row_size = _core.eval_row_size(n_vocab)
     n_rows = n_chunk * n_scored
     nll = np.zeros(n_rows, dtype=np.float32)
-    cdir.mkdir(parents=True, exist_ok=True)
-    rows_tmp = _atomic_path(rows_path) if cache else None
-    try:
-        if rows_tmp is not None:
-            rows: np.ndarray = np.memmap(rows_tmp, dtype=np.uint16, mode="w+", shape=(n_rows, row_size))
-        else:
-            rows = np.zeros((n_rows, row_size), dtype=np.uint16)
-        progress = (lambda d, t: on_progress("base", d, t)) if on_progress else None
-        _core_call(
-            _core.eval_base,
-            str(base),
-            tokens,
-            n_chunk,
-            rows,
-            nll,
-            n_vocab,
-            ctx,
-            threads,
-            n_gpu_layers,
-            repack,
-            progress,
-        )
-        if rows_tmp is not None:
-            assert isinstance(rows, np.memmap)
-            rows.flush()
-            del rows
-            meta_tmp = _atomic_path(meta_path)
-            try:
-                with meta_tmp.open("wb") as f:
-                    np.savez(
-                        f,
-                        tokens=tokens,
-                        nll=nll,
-                        n_vocab=np.int64(n_vocab),
-                        n_chunk=np.int64(n_chunk),
-                        ctx=np.int64(ctx),
-                        key=np.str_(key_src),
-                    )
-                os.replace(rows_tmp, rows_path)
-                os.replace(meta_tmp, meta_path)
-            finally:
-                meta_tmp.unlink(missing_ok=True)
-            rows = np.memmap(rows_path, dtype=np.uint16, mode="r", shape=(n_rows, row_size))
-    finally:
-        if rows_tmp is not None:
-            rows_tmp.unlink(missing_ok=True)
+    progress = (lambda d, t: on_progress("base", d, t)) if on_progress else None
+    if not cache:
+        rows: np.ndarray = np.zeros((n_rows, row_size), dtype=np.uint16)
+        _core_call(_core.eval_base, str(base), tokens, n_chunk, rows, nll, n_vocab, ctx, threads, n_gpu_layers,
+                   repack, progress)
+        return _Base(tokens, rows, nll, n_vocab, n_chunk, time.perf_counter() - t0, False)
+    # rows straight into the cache file (it can be GBs); both files appear only once complete
+    with atomic_path(rows_path) as rows_tmp, atomic_path(meta_path) as meta_tmp:
+        rows = np.memmap(rows_tmp, dtype=np.uint16, mode="w+", shape=(n_rows, row_size))
+        _core_call(_core.eval_base, str(base), tokens, n_chunk, rows, nll, n_vocab, ctx, threads, n_gpu_layers,
+                   repack, progress)
+        rows.flush()
+        del rows
+        with meta_tmp.open("wb") as f:
+            np.savez(f, tokens=tokens, nll=nll, n_vocab=np.int64(n_vocab), n_chunk=np.int64(n_chunk),
+                     ctx=np.int64(ctx), key=np.str_(key_src))
+    rows = np.memmap(rows_path, dtype=np.uint16, mode="r", shape=(n_rows, row_size))
     return _Base(tokens, rows, nll, n_vocab, n_chunk, time.perf_counter() - t0, False)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import LlqxError
+from .model import ModelInfo
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -181,21 +183,6 @@ class Imatrix:
         top = max(float(np.max(e.counts)) if e.counts.size else 0.0 for e in self.entries.values())
         return round(top) // self.chunk_size
 
-    def check_model(self, tensors: dict[str, tuple[int, ...]], source: str = "imatrix") -> None:
-        """Raise LlqxError unless every entry names a weight of the model with the same width.
-
-        ``tensors`` maps weight names to their shapes as ggml ne (ne0 = row width, ne2 = experts).
-        """
-        for name, e in self.entries.items():
-            shape = tensors.get(name)
-            if shape is None:
-                raise LlqxError(f"{source} does not belong to this model: it has data for {name}, "
-                                "which the model lacks")
-            ne0 = int(shape[0])
-            n_mat = int(shape[2]) if len(shape) > 2 else 1
-            if ne0 * n_mat != e.n_per_row * e.n_expert or (e.n_expert > 1 and e.n_expert != n_mat):
-                raise LlqxError(f"{source} does not belong to this model: {name} has {e.n_expert} x "
-                                f"{e.n_per_row} values, the model's weight is {n_mat} x {ne0}")
 
 
 def _load_gguf(path: Path) -> Imatrix:
@@ -349,3 +336,56 @@ def _save_dat(im: Imatrix, path: Path) -> None:
         ds = (im.datasets[-1] if im.datasets else "").encode("utf-8")
         f.write(struct.pack("<i", len(ds)))
         f.write(ds)
+
+
+@dataclass
+class ImatrixSelection:
+    """The per-tensor weights handed to llama.cpp, after --include/--exclude-weights."""
+
+    weights: dict[str, object] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+
+
+def select_imatrix(imatrix: Imatrix, include: Sequence[str] = (),
+                   exclude: Sequence[str] = ()) -> ImatrixSelection:
+    """Normalize and filter as llama-quantize does (substring matches; exclude, then include)."""
+    if include and exclude:
+        raise LlqxError("--include-weights and --exclude-weights cannot be used together")
+    weights = imatrix.quantize_weights()
+    if exclude:
+        weights = {k: v for k, v in weights.items() if not any(x in k for x in exclude)}
+    if include:
+        weights = {k: v for k, v in weights.items() if any(x in k for x in include)}
+    return ImatrixSelection(dict(weights), list(imatrix.datasets), imatrix.chunk_count)
+
+
+def check_imatrix_fits(im: Imatrix, info: ModelInfo, source: str, every_entry: bool = False) -> None:
+    """Refuse an imatrix made for another model or holding NaN/inf: the one check the writer, the scorer
+    and ``llqx imatrix --in-file`` share.
+
+    No tensor name in common, or a width that differs (ne[0]·ne[2], token embeddings exempt, as in
+    llama.cpp, which quantizes silently without weights when no name matches); with ``every_entry`` also
+    any entry for a tensor the model lacks (merging into another model's file).
+    """
+    tensors = {t.name: t for t in info.tensors}
+    if every_entry:
+        lacking = next((name for name in im.entries if name not in tensors), None)
+        if lacking is not None:
+            raise LlqxError(f"{source} does not belong to this model: it has data for {lacking}, which the model lacks")
+    matched = [name for name in im.entries if name in tensors]
+    if not matched:
+        raise LlqxError(f"imatrix {source} does not belong to this model: none of its "
+                        f"{len(im.entries)} tensor names is in {info.path}")
+    for name in matched:
+        t = tensors[name]
+        e = im.entries[name]
+        n_mat = t.shape[2] if len(t.shape) > 2 else 1
+        want = t.shape[0] * n_mat
+        have = int(e.in_sum2.size)
+        if (have != want or (e.n_expert > 1 and e.n_expert != n_mat)) and "token_embd" not in name:
+            raise LlqxError(f"imatrix {source} does not belong to this model: {name} has {e.n_expert} x "
+                            f"{e.n_per_row} values, the model's weight is {n_mat} x {t.shape[0]}")
+        parts = [e.in_sum2, e.counts] + ([] if e.in_sum is None else [e.in_sum])
+        if not all(np.isfinite(np.asarray(x, dtype=np.float64)).all() for x in parts):
+            raise LlqxError(f"imatrix {source} holds NaN or infinite values for {name}")

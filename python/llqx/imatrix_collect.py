@@ -8,7 +8,6 @@ main thread stops it cleanly after the current group of chunks, keeping whole ch
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from . import _core
 from . import log as _log
 from .errors import LlqxError
 from .imatrix import Imatrix, ImatrixEntry
+from .runner import run_in_worker
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,6 @@ class ImatrixCollector:
         KeyboardInterrupt is raised once the worker has stopped.
         """
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
-        outcome: dict[str, object] = {}
 
         def on_progress(d: dict[str, float]) -> bool:
             if progress is None:
@@ -147,35 +146,13 @@ class ImatrixCollector:
                                 int(d["tokens"]), float(d["ppl"]), float(d["elapsed_s"]))
             return progress(p) is not False
 
-        finished = threading.Event()
-
-        def work() -> None:
-            try:
-                outcome["result"] = self._core.run(tokens, n_chunk, on_progress)
-            except BaseException as exc:
-                outcome["error"] = exc
-            finally:
-                finished.set()
-
-        worker = threading.Thread(target=work, name="llqx-imatrix", daemon=True)
-        worker.start()
-        interrupted = False
-        # wait on an event, not on join(): an interrupted join() can leave the thread marked as stopped
-        while not finished.is_set():
-            try:
-                finished.wait(0.2)
-            except KeyboardInterrupt:
-                interrupted = True
-                self._core.cancel()
-        worker.join()
-        error = outcome.get("error")
-        if error is not None:
-            if isinstance(error, RuntimeError):
-                raise LlqxError(str(error)) from None
-            raise error  # type: ignore[misc]
+        try:
+            r, interrupted = run_in_worker(lambda: self._core.run(tokens, n_chunk, on_progress), name="llqx-imatrix",
+                                           cancel=self._core.cancel)
+        except RuntimeError as exc:
+            raise LlqxError(str(exc)) from None
         if interrupted and not stop_on_interrupt:
             raise KeyboardInterrupt
-        r = outcome["result"]
         assert isinstance(r, dict)
         return ImatrixRun(imatrix=self.snapshot(dataset), chunks_done=int(r["chunks_done"]), chunks=n_chunk,
                           tokens=int(r["tokens"]), ppl=float(r["ppl"]), ppl_err=float(r["ppl_err"]),

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_path
 from .errors import LlqxError
 from .types import ggml_type
 
@@ -172,13 +173,8 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("." + out.name + ".tmp" + out.suffix)
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png")
 
 
 def plot_plan(entries: list[PlanEntry], out: str | os.PathLike[str], title: str = "") -> Path:

@@ -7,119 +7,28 @@ import ctypes
 import gc
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from . import _core
 from . import log as _log
 from .errors import LlqxError
-from .imatrix import Imatrix
+from .imatrix import Imatrix, check_imatrix_fits, select_imatrix
+from .metadata import imatrix_kv_overrides, parse_kv_override
 from .model import ModelInfo, inspect
-from .types import FileType, c_stoi, file_type, ggml_type
+from .runner import run_in_worker
+from .types import FileType, c_stoi, file_type, ggml_type, parse_tensor_type
 
 if TYPE_CHECKING:
     from .plan import Plan
 
 # a plan is written as pure Q8_0 with one override per tensor: general.file_type says 7 unless a type is given
 PLAN_BASE_FTYPE = 7
-KEY_IMATRIX_FILE = "quantize.imatrix.file"
-KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
-KEY_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
-KEY_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
-
-_TAG_INT, _TAG_FLOAT, _TAG_BOOL, _TAG_STR = 0, 1, 2, 3
-
-
-def _c_atol(text: str) -> int:
-    m = re.match(r"\s*[+-]?\d+", text)
-    return int(m.group(0)) if m else 0
-
-
-def _c_atof(text: str) -> float:
-    m = re.match(r"\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf(inity)?|nan)", text,
-                 re.IGNORECASE)
-    return float(m.group(0)) if m else 0.0
-
-
-def parse_kv_override(text: str) -> _core.KvOverride:
-    """KEY=TYPE:VALUE with TYPE int, float, bool or str, parsed as llama.cpp's common does."""
-    key, sep, rest = text.partition("=")
-    if not sep or len(key.encode()) >= 128:
-        raise LlqxError(f"malformed KV override '{text}'")
-    kv = _core.KvOverride()
-    kv.key = key
-    if rest.startswith("int:"):
-        kv.tag, kv.val_i64 = _TAG_INT, _c_atol(rest[4:])
-    elif rest.startswith("float:"):
-        kv.tag, kv.val_f64 = _TAG_FLOAT, _c_atof(rest[6:])
-    elif rest.startswith("bool:"):
-        if rest[5:] not in ("true", "false"):
-            raise LlqxError(f"invalid boolean value for KV override '{text}'")
-        kv.tag, kv.val_bool = _TAG_BOOL, rest[5:] == "true"
-    elif rest.startswith("str:"):
-        if len(rest[4:].encode()) > 127:
-            raise LlqxError(f"malformed KV override '{text}', value cannot exceed 127 chars")
-        kv.tag, kv.val_str = _TAG_STR, rest[4:]
-    else:
-        raise LlqxError(f"invalid type for KV override '{text}'")
-    return kv
-
-
-def _kv(key: str, value: int | str) -> _core.KvOverride:
-    kv = _core.KvOverride()
-    kv.key = key
-    if isinstance(value, str):
-        kv.tag, kv.val_str = _TAG_STR, value.encode()[:127]  # strncpy(…, 127) as upstream, bytes kept
-    else:
-        kv.tag, kv.val_i64 = _TAG_INT, int(value)
-    return kv
-
-
-@dataclass
-class ImatrixSelection:
-    """The per-tensor weights handed to llama.cpp, after --include/--exclude-weights."""
-
-    weights: dict[str, object] = field(default_factory=dict)
-    datasets: list[str] = field(default_factory=list)
-    chunk_count: int = 0
-
-
-def select_imatrix(imatrix: Imatrix, include: Sequence[str] = (),
-                   exclude: Sequence[str] = ()) -> ImatrixSelection:
-    """Normalize and filter as llama-quantize does (substring matches; exclude, then include)."""
-    if include and exclude:
-        raise LlqxError("--include-weights and --exclude-weights cannot be used together")
-    weights = imatrix.quantize_weights()
-    if exclude:
-        weights = {k: v for k, v in weights.items() if not any(x in k for x in exclude)}
-    if include:
-        weights = {k: v for k, v in weights.items() if any(x in k for x in include)}
-    return ImatrixSelection(dict(weights), list(imatrix.datasets), imatrix.chunk_count)
-
-
-def imatrix_kv_overrides(sel: ImatrixSelection, label: str) -> list[_core.KvOverride]:
-    """The metadata llama-quantize records about the imatrix it used (none when no weights are left)."""
-    if not sel.weights:
-        return []
-    out = [_kv(KEY_IMATRIX_FILE, label)]
-    if sel.datasets:
-        out.append(_kv(KEY_IMATRIX_DATASET, sel.datasets[0]))
-    out.append(_kv(KEY_IMATRIX_N_ENTRIES, len(sel.weights)))
-    if sel.chunk_count > 0:
-        out.append(_kv(KEY_IMATRIX_N_CHUNKS, sel.chunk_count))
-    return out
-
-
 def _resolve_ftype(ftype: str | int | FileType) -> FileType:
     if isinstance(ftype, FileType):
         return ftype
@@ -139,21 +48,6 @@ def default_output_path(input: str | os.PathLike[str], ftype: FileType, keep_spl
     pos = max(inp.rfind("/"), inp.rfind("\\"))
     name = inp[: pos + 1] + "ggml-model-" + ftype.name
     return name if keep_split else name + ".gguf"
-
-
-def parse_tensor_type(text: str) -> tuple[str, int]:
-    """NAME=TYPE as llama-quantize's --tensor-type: name lower-cased, type a ggml type name."""
-    name, sep, tname = text.partition("=")
-    if not sep:
-        raise LlqxError(f"malformed tensor type '{text}'")
-    if not name:
-        raise LlqxError(f"missing tensor name in '{text}'")
-    if not tname:
-        raise LlqxError(f"missing quantization type in '{text}'")
-    tid = _core.type_from_name(tname)
-    if tid < 0:
-        raise LlqxError(f"invalid quantization type '{tname}' in '{text}'")
-    return name.lower(), tid
 
 
 def read_tensor_type_file(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
@@ -198,31 +92,6 @@ def check_paths(inp: Path, out: Path | None) -> ModelInfo:
     return info
 
 
-def check_imatrix_fits(im: Imatrix, info: ModelInfo, source: str) -> None:
-    """Refuse an imatrix made for another model (no tensor names in common, or widths that differ) or
-    holding NaN/inf: the one check the writer and the scorer share.
-
-    llama.cpp quantizes silently without weights when no name matches; llqx calls it an error.
-    The width rule is llama.cpp's own (ne[0]·ne[2], token embeddings exempt), checked up front.
-    """
-    tensors = {t.name: t for t in info.tensors}
-    matched = [name for name in im.entries if name in tensors]
-    if not matched:
-        raise LlqxError(f"imatrix {source} does not belong to this model: none of its "
-                        f"{len(im.entries)} tensor names is in {info.path}")
-    for name in matched:
-        t = tensors[name]
-        e = im.entries[name]
-        want = t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1)
-        have = int(e.in_sum2.size)
-        if have != want and "token_embd" not in name:
-            raise LlqxError(f"imatrix {source} does not belong to this model: {name} has {have} "
-                            f"values, the tensor needs {want}")
-        parts = [e.in_sum2, e.counts] + ([] if e.in_sum is None else [e.in_sum])
-        if not all(np.isfinite(np.asarray(x, dtype=np.float64)).all() for x in parts):
-            raise LlqxError(f"imatrix {source} holds NaN or infinite values for {name}")
-
-
 def release_memory() -> None:
     """Hand freed memory back to the system before llama.cpp allocates its buffers (peak RSS)."""
     gc.collect()
@@ -238,20 +107,10 @@ def run_model_quantize(request: _core.QuantizeRequest) -> None:
     background; callers remove its output directory so whatever it still writes goes nowhere.
     """
     _log.recent_errors.clear()
-    failure: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            _core.model_quantize(request)
-        except BaseException as exc:  # re-raised in the caller's thread
-            failure.append(exc)
-
-    worker = threading.Thread(target=work, name="llqx-quantize", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.1)
-    if failure:
-        raise LlqxError(_log.last_error(str(failure[0]) or "llama.cpp failed to quantize"))
+    try:
+        run_in_worker(lambda: _core.model_quantize(request), name="llqx-quantize")
+    except (RuntimeError, ValueError) as exc:
+        raise LlqxError(_log.last_error(str(exc) or "llama.cpp failed to quantize")) from None
 
 
 def _nearly_full(directory: Path) -> bool:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_path
 from .errors import LlqxError
 
 log = logging.getLogger("llqx")
@@ -80,20 +80,11 @@ class ScoreState:
         """Atomic write beside the target; a failure to write is reported, never fatal."""
         if self.path is None:
             return
-        path = self.path
         try:
-            fd, tmp = tempfile.mkstemp(
-                prefix="." + path.name + ".", suffix=".tmp", dir=path.parent or Path(".")
-            )
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(self.to_json())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(self.to_json(), encoding="utf-8")
         except OSError as exc:
-            log.warning("cannot write state file %s: %s", path, exc)
+            log.warning("cannot write state file %s: %s", self.path, exc)
 
 
 def _describe_mismatch(found: dict[str, Any], want: dict[str, Any]) -> str:

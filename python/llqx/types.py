@@ -123,3 +123,18 @@ def file_type(text: str | int) -> FileType | None:
     if number is None:
         return None
     return next((ft for ft in FILE_TYPES if ft.ftype == number), None)
+
+
+def parse_tensor_type(text: str) -> tuple[str, int]:
+    """NAME=TYPE as llama-quantize's --tensor-type: name lower-cased, type a ggml type name."""
+    name, sep, tname = text.partition("=")
+    if not sep:
+        raise LlqxError(f"malformed tensor type '{text}'")
+    if not name:
+        raise LlqxError(f"missing tensor name in '{text}'")
+    if not tname:
+        raise LlqxError(f"missing quantization type in '{text}'")
+    tid = _core.type_from_name(tname)
+    if tid < 0:
+        raise LlqxError(f"invalid quantization type '{tname}' in '{text}'")
+    return name.lower(), tid

@@ -11,25 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
-from .evaluate import Estimate, EvalResult, ProgressFn, evaluate
-
-
-class _TokensPerSecond(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} tok/s" if speed else "- tok/s", style="progress.data.speed")
+from ..evaluate import Estimate, EvalResult, ProgressFn, evaluate
+from ..progress import progress_bar
 
 
 @contextlib.contextmanager
@@ -40,17 +25,7 @@ def eval_progress(
     if not enabled:
         yield None
         return
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
-        _TokensPerSecond(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        transient=False,
-    )
+    progress = progress_bar("{task.description}", "tok", console=console or Console(stderr=True), counts="thousands")
     tasks: dict[str, int] = {}
 
     def update(stage: str, done: int, total: int) -> None:

@@ -20,19 +20,12 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
-from . import data
-from .cli_eval import eval_progress, markdown_table, rich_table
-from .errors import LlqxError
-from .evaluate import evaluate
+from .. import data
+from ..errors import LlqxError
+from ..evaluate import evaluate
+from ..progress import progress_bar
+from .eval import eval_progress, markdown_table, rich_table
 
 DEFAULT_TARGETS = (5.0, 6.0, 8.0)
 
@@ -55,20 +48,10 @@ def _imatrix(
     model: Path, text: str, out: Path, ctx: int, chunks: int, threads: int, console: Console, quiet: bool
 ) -> Path:
     try:
-        from . import collect_imatrix  # type: ignore[attr-defined]
+        from .. import collect_imatrix  # type: ignore[attr-defined]
     except ImportError:
         raise LlqxError("this llqx build has no imatrix collector (llqx.collect_imatrix)") from None
-    with Progress(
-        TextColumn("imatrix (c4)"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("chunks"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-    ) as bar:
+    with progress_bar("imatrix (c4)", "chunks", console=console, disable=quiet) as bar:
         task = bar.add_task("imatrix", total=chunks)
 
         def progress(p: object) -> None:

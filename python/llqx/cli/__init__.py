@@ -1,9 +1,9 @@
-"""`llqx` command line: one subcommand per module (cli_<name>.py exposes `register(subparsers)`)."""
+"""`llqx` command line: one subcommand per module of this package (each exposes `register(subparsers)`);
+`llqx-quantize`, llama-quantize's drop-in, is `llqx.cli.quantize:main`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -13,11 +13,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from .errors import LlqxError
+from ..errors import LlqxError
+from . import demo, eval, imatrix, plot, quantize
 from .signals import sigterm_as_interrupt
 
-# subcommand name -> module that registers it; each module adds its parser with a `func` default
-SUBCOMMANDS = ("imatrix", "quantize", "eval", "plot", "demo")
+# each module adds its parser with a `func` default, in the order `llqx --help` lists them
+SUBCOMMANDS = (imatrix, quantize, eval, plot, demo)
 
 err_console = Console(stderr=True)
 
@@ -32,13 +33,7 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llqx", description="GGUF quantization at exactly the size you ask for")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"llqx.cli_{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"llqx.cli_{name}":
-                raise
-            continue
+    for module in SUBCOMMANDS:
         module.register(sub)
     return parser
 

@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn
 
-from .errors import LlqxError
-from .imatrix import Imatrix
-from .imatrix_collect import ImatrixCollector, ImatrixProgress, default_threads, plan_chunks
-from .imatrix_stats import layer_stats, stats_json, stats_tables, tensor_stats
+from ..errors import LlqxError
+from ..imatrix import Imatrix, check_imatrix_fits
+from ..imatrix_collect import ImatrixCollector, ImatrixProgress, default_threads, plan_chunks
+from ..imatrix_stats import layer_stats, stats_json, stats_tables, tensor_stats
+from ..progress import progress_bar
 
 logger = logging.getLogger("llqx.imatrix")
 
@@ -138,17 +139,16 @@ def run(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     if not model_path.is_file():
         raise LlqxError(f"model not found: {model_path}")
-    from .model import inspect
+    from ..model import inspect
 
     try:
         info = inspect(model_path)
     except LlqxError as exc:
         raise LlqxError(f"cannot load model {model_path}: {exc}") from None
-    shapes = {t.name: t.shape for t in info.tensors}
 
     base = _merge_inputs(args)
     if base is not None:
-        base.check_model(shapes, source=f"--in-file {', '.join(args.in_files)}")
+        check_imatrix_fits(base, info, f"--in-file {', '.join(args.in_files)}", every_entry=True)
 
     threads = args.threads if args.threads and args.threads > 0 else default_threads()
     col = ImatrixCollector(model_path, n_ctx=args.ctx, n_batch=args.batch, n_ubatch=args.ubatch,
@@ -188,17 +188,13 @@ def run(args: argparse.Namespace) -> int:
             _save(im, Path(f"{out}.at_{im.chunk_count}"), fmt)
 
     show = not args.quiet and not args.json
-    progress = Progress(TextColumn("[bold]imatrix"), BarColumn(),
-                        TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"), TimeElapsedColumn(),
-                        TextColumn("{task.fields[rate]}  ETA {task.fields[eta]}  {task.fields[ppl]}"),
-                        console=console, disable=not show, transient=False)
-    task = progress.add_task("imatrix", total=n_chunk * args.ctx, ppl="", rate="- tok/s", eta="-")
+    progress = progress_bar("[bold]imatrix", "tok", console=console, counts="thousands", disable=not show,
+                            extra=(TextColumn("{task.fields[ppl]}"),))
+    task = progress.add_task("imatrix", total=n_chunk * args.ctx, ppl="")
 
     def on_progress(p: ImatrixProgress) -> bool:
         ppl = "" if math.isnan(p.ppl) else f"PPL {p.ppl:.4f}"
-        rate = p.tokens_done / p.elapsed_s if p.elapsed_s > 0 else 0.0
-        eta = _clock((p.tokens - p.tokens_done) / rate) if rate > 0 else "-"
-        progress.update(task, completed=p.tokens_done, ppl=ppl, rate=f"{rate:,.1f} tok/s", eta=eta)
+        progress.update(task, completed=p.tokens_done, ppl=ppl)
         periodic(base_chunks + p.chunks_done)
         return True
 
@@ -254,7 +250,7 @@ def _merge_inputs(args: argparse.Namespace) -> Imatrix | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import main as cli_main
+    from . import main as cli_main
 
     return cli_main(["imatrix", *(argv if argv is not None else sys.argv[1:])])
 

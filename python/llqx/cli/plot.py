@@ -6,7 +6,7 @@ import argparse
 
 from rich.console import Console
 
-from .plot import plot_file
+from ..plot import plot_file
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,80 @@
+"""`llqx-quantize --target-bpw X | --target-size N`: the target path of both quantize front ends (prints)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..imatrix import Imatrix
+from ..plan import Plan
+from ..request import QuantizeRequest
+from ..target import check_request, default_output, plan_target, prepare, write_target
+
+
+def print_plan(plan: Plan, console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"plan: {plan.bpw:.4f} bpw, {plan.file_size:,} bytes", show_lines=False)
+    t.add_column("tensor")
+    t.add_column("type")
+    t.add_column("bpw", justify="right")
+    t.add_column("error", justify="right")
+    t.add_column("", style="dim")
+    for x in plan.tensors:
+        t.add_row(
+            x.name,
+            x.type_name.upper(),
+            f"{x.bpw:.3f}",
+            "" if x.error is None else f"{x.error:.4g}",
+            "" if x.status == "optimized" else x.status,
+        )
+    console.print(t)
+    lt = Table(title="per layer")
+    lt.add_column("layer")
+    lt.add_column("bpw", justify="right")
+    lt.add_column("MiB", justify="right")
+    for k, (b, n) in plan.layers().items():
+        lt.add_row(k, f"{8.0 * b / max(n, 1):.3f}", f"{b / 2**20:.2f}")
+    console.print(lt)
+    lo, hi = plan.achievable
+    console.print(
+        f"total: {plan.bpw:.4f} bpw ({plan.tensor_bytes:,} tensor bytes, {plan.n_elements:,} weights), "
+        f"file {plan.file_size:,} bytes; achievable {lo:.4f} to {hi:.4f} bpw; summed error {plan.error:.4g}"
+    )
+
+
+def run_target(req: QuantizeRequest) -> int:
+    """Check everything, score (or reuse the state file), plan to the target, then write and verify."""
+    check_request(req)
+    console: Any = None
+    if not (req.quiet or req.json):  # rich only where it prints (start-up time and memory)
+        from rich.console import Console
+
+        console = Console()
+    assert req.imatrix is not None
+    imatrix = Imatrix.load(req.imatrix)
+    scores = prepare(req, imatrix)
+    plan = plan_target(req, scores)
+    del scores  # the model's metadata and the curves: not needed by the writer (its peak memory)
+    doc: dict[str, Any] = plan.to_dict()
+    if req.dry_run:
+        if req.json:
+            json.dump(doc, sys.stdout)
+            sys.stdout.write("\n")
+        elif not req.quiet:
+            print_plan(plan, console)
+        return 0
+    if console is not None:
+        out = Path(req.output) if req.output else default_output(Path(req.input), plan)
+        console.print(f"writing {out}: {plan.bpw:.4f} bpw, {plan.file_size:,} bytes")
+    out = write_target(req, plan, imatrix)
+    doc["output"] = os.fspath(out)
+    if req.json:
+        json.dump(doc, sys.stdout)
+        sys.stdout.write("\n")
+    elif console is not None:
+        console.print(f"wrote {out}: {plan.bpw:.4f} bpw, {plan.file_size:,} bytes (every tensor checked)")
+    return 0
