@@ -254,3 +254,101 @@ def qwen_coder_f16() -> Path:
     if target.exists():
         return target
     return dequantize_to_f16(qwen_coder_q4_k_m(), target)
+
+
+ROTATE_ARCHS = ("llama", "qwen2")
+# Which RMSNorm's output each matrix reads: its gain is folded in and the rotation undone on input.
+_READS = {
+    "attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm", "attn_qkv": "attn_norm",
+    "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm",
+    "ffn_gate_inp": "ffn_norm", "ffn_gate_exps": "ffn_norm", "ffn_up_exps": "ffn_norm",
+}
+# Matrices that add into the residual stream: their output (and bias) is rotated.
+_WRITES = {"attn_output", "ffn_down", "ffn_down_exps"}
+_NORMS = {"attn_norm", "ffn_norm"}
+# Tensors off the residual stream: copied unchanged.
+_KEEP = {
+    "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_qkv.bias", "ffn_gate.bias", "ffn_up.bias", "rope_freqs.weight",
+}
+
+
+def random_rotation(n: int, seed: int = 0) -> np.ndarray:
+    """A Haar-random orthogonal n×n matrix (float64): QR of a Gaussian, signs fixed so Q is unique."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def rotate_residual(source: Path, target: Path, seed: int = 0) -> Path:
+    """Write a model that computes what ``source`` computes, with its residual stream rotated by R.
+
+    No weight stays on the source's quantization grid, so requantizing a dequantized model to its
+    own type is no longer almost free. RMSNorm commutes with R (R keeps norms), so each gain g is
+    folded into the matrices that read the norm's output (W -> W·diag(g)·Rᵀ, gain -> 1), writers
+    into the stream become R·W and embedding rows R·e. A tied head is untied first. Meant for
+    F16/F32 input (any type is dequantized); writes F16 matrices and F32 vectors, file_type F16.
+    """
+    import gguf
+
+    def produce(tmp: Path) -> None:
+        reader = gguf.GGUFReader(source)
+        arch = str(reader.fields["general.architecture"].contents())
+        if arch not in ROTATE_ARCHS:
+            raise LlqxError(f"rotate_residual supports {' and '.join(ROTATE_ARCHS)} models, not {arch}")
+        n_embd = int(reader.fields[f"{arch}.embedding_length"].contents())
+        rot = random_rotation(n_embd, seed)
+        tensors = {t.name: t for t in reader.tensors}
+
+        def values(name: str) -> np.ndarray:
+            t = tensors[name]
+            shape = tuple(int(d) for d in reversed(t.shape))
+            return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(shape)
+
+        def read(w: np.ndarray, norm: str) -> np.ndarray:
+            return (w * values(norm)) @ rot.T  # broadcasts over experts: (E, n_out, n_embd)
+
+        writer = gguf.GGUFWriter(tmp, arch=arch, use_temp_file=False)
+        _copy_fields(reader, writer, {"general.architecture"}, file_type=1)
+        for name in tensors:
+            w = values(name)
+            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+            layer, kind, part = m.groups() if m else ("", "", "")
+            if name == "token_embd.weight":
+                out = w @ rot.T
+            elif name == "output.weight":
+                out = read(w, "output_norm.weight")
+            elif name == "output_norm.weight" or (kind in _NORMS and part == "weight"):
+                out = np.ones_like(w)
+            elif kind in _READS and part == "weight":
+                out = read(w, f"blk.{layer}.{_READS[kind]}.weight")
+            elif kind in _WRITES:
+                out = rot @ w  # (n_embd, n_in), (E, n_embd, n_in) or a bias (n_embd,)
+            elif f"{kind}.{part}" in _KEEP or name in _KEEP or name == "output.bias":
+                out = w
+            else:
+                raise LlqxError(f"rotate_residual does not know how {name} meets the residual stream")
+            writer.add_tensor(name, out.astype(np.float16 if out.ndim > 1 else np.float32))
+        if "output.weight" not in tensors:  # tied head: the original embedding becomes a reader
+            head = read(values("token_embd.weight"), "output_norm.weight")
+            writer.add_tensor("output.weight", head.astype(np.float16))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    return _atomic_write(target, produce)
+
+
+def smollm2_rotated_f16() -> Path:
+    """SmolLM2-135M F16 with a random rotation of its residual stream (seed 0): off the Q4_1 grid."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-rotated-F16.gguf"
+    if target.exists():
+        return target
+    return rotate_residual(smollm2_f16(), target)
+
+
+def qwen_coder_rotated_f16() -> Path:
+    """Qwen2.5-Coder-1.5B F16 with a random rotation of its residual stream (seed 0): off the Q4_K grid."""
+    target = cache_dir() / "models" / "Qwen2.5-Coder-1.5B-Instruct-rotated-F16.gguf"
+    if target.exists():
+        return target
+    return rotate_residual(qwen_coder_f16(), target)
