@@ -1,4 +1,5 @@
-"""The rotated SmolLM2 reference: the same function as the dequantized Q4_1 model, on no quantization grid."""
+"""llqx.data's derived models compute what their source computes: the rotated (grid-neutral) SmolLM2 and
+the MoE rewrite, each checked with upstream llama-perplexity and llqx.evaluate."""
 
 from __future__ import annotations
 
@@ -181,3 +182,24 @@ def test_qwen2_with_biases(tmp_path: Path, smollm2_f16: Path, eval_text: Path) -
     res = llqx.evaluate(qwen2, [rotated], eval_text, ctx=CTX, chunks=2, threads=THREADS, cache=False)
     assert res.base.ppl.value < 1000  # a working model, not noise
     assert res.quants[0].kld_mean.value < 1e-3, res.quants[0].kld_mean
+
+
+# ---- the MoE fixture computes what its dense source computes ----------------------------------
+
+@pytest.mark.slow
+def test_moe_fixture_equals_dense(tmp_path: Path, llama_perplexity: Path, smollm2_f16: Path, moe_f16: Path,
+                                  eval_text: Path) -> None:
+    base = tmp_path / "dense.kld"
+    common = ["-f", eval_text, "-c", "128", "--chunks", "3", "-t", "2"]
+    _run([llama_perplexity, "-m", smollm2_f16, *common, "--kl-divergence-base", base])
+    text = _run([llama_perplexity, "-m", moe_f16, *common, "--kl-divergence-base", base, "--kl-divergence"])
+
+    def stat(label: str) -> float:
+        m = re.search(re.escape(label) + r"\s*:\s*(-?[\d.]+)", text)
+        assert m, label
+        return float(m.group(1))
+
+    assert abs(stat("Mean PPL(Q)/PPL(base)") - 1.0) < 1e-3
+    assert abs(stat("Mean    KLD")) < 1e-4
+    assert stat("Maximum KLD") < 1e-3
+    assert stat("Same top p") > 99.0
