@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -276,8 +277,8 @@ def test_usage_text_matches_upstream(llama_quantize: Path, capsys: pytest.Captur
     mine = capsys.readouterr().out
     up_lines = [ln.replace(str(llama_quantize), "llama-quantize") for ln in r.stdout.splitlines()]
     my_lines = [ln.replace("llqx-quantize", "llama-quantize") for ln in mine.splitlines()]
-    assert [ln for ln in my_lines if "llqx" not in ln and "--target" not in ln
-            and "[--target-bpw]" not in ln and "--state-file" not in ln
+    ours = ("llqx", "--target", "--state-file", "--candidates", "--score-elements", "[--verbose]")
+    assert [ln for ln in my_lines if not any(x in ln for x in ours)
             and not ln.strip().startswith(("(llqx)", "--quiet", "--json"))] == up_lines
 
 
@@ -431,3 +432,27 @@ def test_ctrl_c_removes_partial_output(tmp_path: Path, model_copy: Path, imatrix
     assert "interrupted" in err.strip().splitlines()[-1]
     assert os.listdir(tmp_path) == []
     assert hashlib.sha256(model_copy.read_bytes()).hexdigest() == before
+
+
+# ---- a full disk: named as such, nothing left behind --------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 40 MiB tmpfs (too small for any SmolLM2 quant); needs root, as CI and the dev machines have."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_is_named(tiny_disk: Path, smollm2_f16: Path) -> None:
+    out = tiny_disk / "out.gguf"
+    r = _run([Path(sys.executable).parent / "llqx-quantize", smollm2_f16, out, "Q4_0", THREADS])
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"llqx-quantize: error: no space left on device: {out}"
+    assert os.listdir(tiny_disk) == []
