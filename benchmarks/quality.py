@@ -387,3 +387,7 @@ def run(args: argparse.Namespace) -> int:
     write_text(s.out_dir / f"{s.name}.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
