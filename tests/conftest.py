@@ -7,9 +7,11 @@ import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llqx import data
+from llqx.imatrix import Imatrix
 from llqx.upstream import upstream_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,3 +90,21 @@ def smol_imatrix(
     tmp_path_factory: pytest.TempPathFactory, llama_imatrix: Path, smollm2_f16: Path, calib_text: Path
 ) -> Path:
     return upstream_imatrix(llama_imatrix, smollm2_f16, calib_text, tmp_path_factory.mktemp("im") / "smol.imatrix.gguf")
+
+
+@pytest.fixture(scope="session")
+def moe_imatrix(
+    tmp_path_factory: pytest.TempPathFactory, llama_imatrix: Path, moe_f16: Path, calib_text: Path
+) -> Path:
+    """Upstream imatrix of the MoE fixture with synthesized activation sums (in_sum) added."""
+    d = tmp_path_factory.mktemp("im")
+    raw = upstream_imatrix(llama_imatrix, moe_f16, calib_text, d / "moe.upstream.gguf")
+    im = Imatrix.load(raw)
+    rng = np.random.default_rng(7)
+    for e in im.entries.values():
+        # |E[x]| <= sqrt(E[x²]): a mean direction of plausible size with random signs
+        rms = np.sqrt(np.maximum(e.in_sum2, 0) * np.maximum(e.counts[:, None], 0))
+        e.in_sum = (0.3 * rms * rng.choice([-1.0, 1.0], size=rms.shape)).astype(np.float32)
+    out = d / "moe.act.gguf"
+    im.save(out)
+    return out

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import llqx
-from conftest import default_sigint, subprocess_env, upstream_imatrix
+from conftest import default_sigint, subprocess_env
 from llqx import _core
 from llqx.cli.target import run_target
 from llqx.estimator import PROPAGATION, output_weights
@@ -30,24 +30,6 @@ from llqx.state import TensorScore
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = 8192  # small sampling keeps the tests fast; the default is exercised by the CLI test
-
-
-@pytest.fixture(scope="session")
-def moe_imatrix(
-    tmp_path_factory: pytest.TempPathFactory, llama_imatrix: Path, moe_f16: Path, calib_text: Path
-) -> Path:
-    """Upstream imatrix of the MoE fixture with synthesized activation sums (in_sum) added."""
-    d = tmp_path_factory.mktemp("im")
-    raw = upstream_imatrix(llama_imatrix, moe_f16, calib_text, d / "moe.upstream.gguf")
-    im = Imatrix.load(raw)
-    rng = np.random.default_rng(7)
-    for e in im.entries.values():
-        # |E[x]| <= sqrt(E[x²]): a mean direction of plausible size with random signs
-        rms = np.sqrt(np.maximum(e.in_sum2, 0) * np.maximum(e.counts[:, None], 0))
-        e.in_sum = (0.3 * rms * rng.choice([-1.0, 1.0], size=rms.shape)).astype(np.float32)
-    out = d / "moe.act.gguf"
-    im.save(out)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -41,13 +41,37 @@ def lower_hull(cost: np.ndarray, error: np.ndarray, front: np.ndarray) -> np.nda
     return np.array(hull, dtype=np.int64)
 
 
-def allocate(curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: int, slack: float = 0.0) -> list[int]:
+def allocate(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]],
+    budget: float | Sequence[float],
+    slack: float | Sequence[float] = 0.0,
+    groups: Sequence[int] | None = None,
+) -> list[int]:
     """Pick one point per curve (cost, error arrays) with total cost ≤ budget and low total error.
 
     ``slack``: bytes that may stay unspent rather than spent on moves that do not lower the error.
+    With ``groups`` (a group id per curve, 0 to len(budget) - 1), ``budget`` and ``slack`` hold one value
+    per group and the curves of each group share its budget: the groups share nothing else, so one
+    Lagrangian per group, and the rest of the search, find the whole allocation.
     Returns the chosen index into each curve's arrays. The caller checks feasibility first
     (the sum of each curve's minimum cost must fit).
     """
+    if groups is None:
+        groups = [0] * len(curves)
+    budgets = [float(x) for x in budget] if isinstance(budget, Sequence) else [float(budget)]
+    slacks = [float(x) for x in slack] if isinstance(slack, Sequence) else [float(slack)] * len(budgets)
+    if len(groups) != len(curves) or len(slacks) != len(budgets) or any(not 0 <= g < len(budgets) for g in groups):
+        raise ValueError("allocate: one group id per curve, one budget and slack per group")
+    chosen = [0] * len(curves)
+    for g, (b, s) in enumerate(zip(budgets, slacks, strict=True)):
+        members = [i for i, x in enumerate(groups) if x == g]
+        for i, k in zip(members, _allocate_group([curves[i] for i in members], b, s), strict=True):
+            chosen[i] = k
+    return chosen
+
+
+def _allocate_group(curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: float, slack: float) -> list[int]:
+    """allocate() for curves that share one budget."""
     n = len(curves)
     if n == 0:
         return []

@@ -51,6 +51,41 @@ class PlanTensor:
         return 8.0 * self.nbytes / max(self.n_elements, 1)
 
 
+@dataclass(frozen=True)
+class BudgetUse:
+    """One budget of a plan and what the plan spends on it. ``pattern`` None: the target, over the tensors
+    no --budget matches; with ``file_size`` set (--target-size) its bytes are the whole file's."""
+
+    pattern: str | None
+    target_bpw: float | None
+    target_bytes: int | None
+    tensor_bytes: int
+    n_elements: int
+    n_tensors: int
+    file_size: int | None = None
+
+    @property
+    def bpw(self) -> float:
+        return 8.0 * self.tensor_bytes / max(self.n_elements, 1)
+
+    @property
+    def got(self) -> int:
+        """The bytes its target counts: the file's for a target size, else its tensors'."""
+        return self.file_size if self.file_size is not None else self.tensor_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "target_bpw": self.target_bpw,
+            "target_bytes": self.target_bytes,
+            "tensor_bytes": self.tensor_bytes,
+            "bpw": self.bpw,
+            "file_size": self.file_size,
+            "elements": self.n_elements,
+            "tensors": self.n_tensors,
+        }
+
+
 @dataclass
 class Plan(TensorTotals):
     """Tensor types for llama_model_quantize, with the sizes llama.cpp will report and write."""
@@ -64,7 +99,7 @@ class Plan(TensorTotals):
     requantize: bool = False
     achievable: tuple[float, float] = (0.0, 0.0)  # bpw range of the free tensors' extremes (pins included)
     notes: list[str] = field(default_factory=list)
-
+    budgets: list[BudgetUse] = field(default_factory=list)  # every budget's target and what it got
 
     @property
     def file_size(self) -> int:
@@ -123,6 +158,7 @@ class Plan(TensorTotals):
             "meta_size": self.meta_size,
             "error": self.error,
             "achievable_bpw": list(self.achievable),
+            "budgets": [b.to_dict() for b in self.budgets],
             "tensors": [
                 {
                     "name": t.name,

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any, Protocol
 
 import numpy as np
 
 from . import _core
+from .budgets import Budgets, Constraints, Item, resolve
 from .errors import LlqxError
 from .llama_rules import CANDIDATES, TOKEN_EMBD, fallback_type, grid_type_ids, needs_imatrix, tensor_nbytes
 from .metadata import meta_size, parse_kv_override
 from .model import ModelInfo
 from .optimizer import allocate
-from .plan import Plan, PlanTensor, padded
+from .plan import Plan, PlanTensor
+from .request import BudgetSpec
 from .types import ggml_type, parse_tensor_type
 
 log = logging.getLogger("llqx")
@@ -52,21 +53,6 @@ class CurveSource(Protocol):
 
     def curves(self) -> dict[str, TensorCurve]:
         """Every tensor's scored candidates, cheapest first, errors in the estimator's unit."""
-
-
-@dataclass
-class _Budget:
-    """A target turned into bytes: what the free (optimized) tensors may spend, and the achievable range."""
-
-    pins: dict[str, int]
-    by_size: bool
-    fixed: int  # cost of kept and pinned tensors
-    budget: int  # cost the whole plan may have (tensor bytes, or file bytes less metadata)
-    raw_range: tuple[int, int]  # tensor bytes of the cheapest and the largest mix
-    slack: float
-
-    def cost(self, nbytes: int) -> int:
-        return padded(nbytes) if self.by_size else nbytes
 
 
 @dataclass
@@ -149,12 +135,10 @@ class Scores:
             total += c.errors[c.types.index(tid)]
         return total
 
-    def check_target(self, target_bpw: float | None = None, target_size: int | None = None, **pins: Any) -> None:
-        """LlqxError for a target no mix can reach with these pins (pins() takes them, as plan() does);
-        needs no scores, so it runs before scoring."""
-        if (target_bpw is None) == (target_size is None):
-            raise LlqxError("give exactly one of target_bpw and target_size")
-        self._budget(target_bpw, target_size, self.pins(**pins))
+    def check_target(self, target_bpw: float | None = None, target_size: int | None = None, **options: Any) -> None:
+        """LlqxError for a target or budget no mix can reach under these pins, bounds and ties (plan()'s
+        keyword options); needs no scores, so it runs before scoring."""
+        self._resolve(target_bpw, target_size, **options)
 
     def score_all(self) -> None:
         """Score every candidate of every tensor now (a no-op once done): plan() then scores nothing."""
@@ -168,61 +152,23 @@ class Scores:
         """Count these metadata overrides and this general.file_type in the file size (target_size)."""
         self.meta_size = meta_size(self.model.path, [*self._imatrix_kvs, *map(parse_kv_override, override_kv)], ftype)
 
-    def _budget(self, target_bpw: float | None, target_size: int | None, pins: dict[str, int]) -> _Budget:
-        """The byte budget of a target; LlqxError when no mix of the candidates reaches it."""
-        info = self.model
-        n_elements = info.n_elements
-        by_size = target_size is not None
-
-        def cost(nbytes: int) -> int:
-            return padded(nbytes) if by_size else nbytes
-
-        fixed = 0
-        raw_fixed = 0
-        for t in info.tensors:
-            if t.name not in self.candidates or t.name in pins:
-                nb = t.nbytes if t.name not in self.candidates else tensor_nbytes(pins[t.name], t)
-                fixed += cost(nb)
-                raw_fixed += nb
-        free = [
-            [tensor_nbytes(x, info.tensor(name)) for x in c]
-            for name, c in self.candidates.items()
-            if name not in pins
-        ]
-        raw_lo = raw_fixed + sum(min(nb) for nb in free)
-        raw_hi = raw_fixed + sum(max(nb) for nb in free)
-        lo = fixed + sum(min(cost(b) for b in nb) for nb in free)
-        hi = fixed + sum(max(cost(b) for b in nb) for nb in free)
-        if by_size:
-            assert target_size is not None
-            overhead = self.meta_size
-            budget_total = int(target_size) - overhead
-
-            def show(x: int) -> str:
-                return f"{x + overhead:,} bytes ({(x + overhead) / 2**30:.4f} GiB)"
-
-            target_text = f"{int(target_size):,} bytes"
-        else:
-            assert target_bpw is not None
-            budget_total = int(Fraction(str(target_bpw)) * n_elements / 8)
-
-            def show(x: int) -> str:
-                return f"{8.0 * x / n_elements:.4f} bpw"
-
-            target_text = f"{target_bpw} bpw"
-        rng = f"achievable: {show(lo)} to {show(hi)}"
-        if pins and fixed > budget_total:
-            raise LlqxError(
-                f"the pinned tensors and the tensors llama.cpp keeps take {show(fixed)} alone, more than "
-                f"the target {target_text} ({rng})"
-            )
-        if budget_total < lo:
-            raise LlqxError(f"target {target_text} is below the smallest achievable mix ({rng})")
-        if budget_total > hi:
-            raise LlqxError(f"target {target_text} is above the largest achievable mix ({rng})")
-        # bytes that may stay unspent rather than bought with a worse error: a fraction of the tolerance
-        slack = n_elements * 0.0005 / 8 if not by_size else int(target_size or 0) * 0.0002
-        return _Budget(pins, by_size, fixed, budget_total, (raw_lo, raw_hi), slack)
+    def _resolve(
+        self,
+        target_bpw: float | None,
+        target_size: int | None,
+        *,
+        budgets: Mapping[str, int | str] | Iterable[BudgetSpec] = (),
+        ties: Iterable[str] = (),
+        min_types: Iterable[tuple[str, str | int] | str] = (),
+        max_types: Iterable[tuple[str, str | int] | str] = (),
+        **pins: Any,
+    ) -> Budgets:
+        """Pins, budget groups and optimizer items; LlqxError when a budget cannot be met."""
+        cons = Constraints.of(budgets, ties, min_types, max_types)
+        return resolve(
+            self.model, self.candidates, self.pins(**pins), cons, target_bpw, target_size, self.meta_size,
+            self.imatrix_label is not None,
+        )
 
     def plan(
         self,
@@ -233,62 +179,84 @@ class Scores:
         output_tensor_type: str | int | None = None,
         token_embedding_type: str | int | None = None,
         leave_output_tensor: bool = False,
+        budgets: Mapping[str, int | str] | Iterable[BudgetSpec] = (),
+        ties: Iterable[str] = (),
+        min_types: Iterable[tuple[str, str | int] | str] = (),
+        max_types: Iterable[tuple[str, str | int] | str] = (),
     ) -> Plan:
         """The lowest-error mix at or below target_bpw (llama.cpp's BPW) or target_size (whole file).
 
-        Pins as in pins(); their bytes count in the budget."""
-        if (target_bpw is None) == (target_size is None):
-            raise LlqxError("give exactly one of target_bpw and target_size")
-        pins = self.pins(tensor_types, output_tensor_type, token_embedding_type, leave_output_tensor)
-        b = self._budget(target_bpw, target_size, pins)
+        Pins as in pins(); their bytes count in the budget. ``budgets`` ({regex: bytes, 'SIZE' or
+        'Xbpw'}, in order): the tensors a regex matches first take their own budget of tensor bytes, and
+        the target covers the rest (target_size: the rest of the file). ``ties``: regexes (or
+        'moe-fused') whose matches within one layer get one type. ``min_types`` / ``max_types``:
+        (regex, type) bounds, by the type's bytes on each tensor; pins win over them. See llqx.budgets.
+        """
+        b = self._resolve(
+            target_bpw, target_size, tensor_types=tensor_types, output_tensor_type=output_tensor_type,
+            token_embedding_type=token_embedding_type, leave_output_tensor=leave_output_tensor, budgets=budgets,
+            ties=ties, min_types=min_types, max_types=max_types,
+        )
         if self.imatrix_label is not None and not self.has_activations and not self._warned:
             self._warned = True  # said once, when the estimate is first used (after every check passed)
             log.warning("the imatrix has no activation sums (in_sum): scoring without the mean-activation term")
+        allowed = b.allowed()
         if self.scorer is None:
-            sets = {name: c for name, c in self.candidates.items() if name not in pins}
-            return self._plan_over(b, sets, target_bpw, target_size)
-        floors = self._window(b)
+            return self._plan_over(b, allowed)
+        floors = self._window(b, allowed)
         for _ in range(len(CANDIDATES) + 2):
-            sets = {name: self._set(name, f) for name, f in floors.items()}
-            self._score_sets(sets, pins)
-            plan = self._plan_over(b, sets, target_bpw, target_size)
-            if not self._widen(plan, floors):
+            sets = self._sets(b, allowed, floors)
+            self._score_sets(sets, b.pins)
+            plan = self._plan_over(b, sets)
+            if not self._widen(plan, allowed, floors):
                 return plan
         raise LlqxError("internal error: the candidate window did not settle")
 
     # ---- window mode ---------------------------------------------------------------------------
 
-    def _bpw_of(self, name: str) -> list[float]:
+    def _bpw_of(self, name: str) -> dict[int, float]:
         bpw = self._bpw.get(name)
         if bpw is None:  # asked for every tensor in each step of the window search
             t = self.model.tensor(name)
-            bpw = self._bpw[name] = [8.0 * tensor_nbytes(x, t) / t.n_elements for x in self.candidates[name]]
+            bpw = self._bpw[name] = {x: 8.0 * tensor_nbytes(x, t) / t.n_elements for x in self.candidates[name]}
         return bpw
 
-    def _window(self, b: _Budget) -> dict[str, float]:
-        """Per free tensor, the bpw floor of the grid types (_lazy_ids) to plan over first: WINDOW_BPW
-        below the mean bpw the free tensors can spend, lowered until the cheapest mix fits the budget.
+    def _window(self, b: Budgets, allowed: dict[str, list[int]]) -> dict[str, float]:
+        """Per free tensor, the bpw floor of the grid types to plan over first: per budget group,
+        WINDOW_BPW below the mean bpw its free tensors can spend, lowered until its cheapest mix fits.
         Every other type is planned over whatever its bpw."""
-        free = [name for name in self.candidates if name not in b.pins]
-        n_free = sum(self.model.tensor(name).n_elements for name in free)
-        floor = 8.0 * (b.budget - b.fixed) / max(n_free, 1) - WINDOW_BPW
-        while True:
-            floors = dict.fromkeys(free, floor)
-            cheapest = b.fixed + sum(
-                b.cost(tensor_nbytes(self._set(name, floor)[0], self.model.tensor(name))) for name in free
-            )
-            if cheapest <= b.budget or all(self._set(n, floor) == self.candidates[n] for n in free):
-                return floors
-            floor -= 1.0
+        floors: dict[str, float] = {}
+        for g, grp in enumerate(b.groups):
+            items = [it for it in b.items if it.group == g]
+            n_free = sum(self.model.tensor(n).n_elements for it in items for n in it.names)
+            floor = 8.0 * (grp.budget - grp.fixed) / max(n_free, 1) - WINDOW_BPW
+            while True:
+                mine = {n: floor for it in items for n in it.names}
+                sets = self._sets(b, allowed, mine, items)
+                cheapest = grp.fixed + sum(
+                    grp.cost(sum(tensor_nbytes(sets[it.names[0]][0], self.model.tensor(n)) for n in it.names))
+                    for it in items
+                )
+                if cheapest <= grp.budget or all(sets[n] == allowed[n] for n in mine):
+                    break
+                floor -= 1.0
+            floors.update(mine)
+        return floors
 
-    def _set(self, name: str, floor: float) -> list[int]:
-        """The candidates planned over for a grid-type floor: every type but the grid types under it."""
+    def _sets(
+        self, b: Budgets, allowed: dict[str, list[int]], floors: dict[str, float], items: list[Item] | None = None
+    ) -> dict[str, list[int]]:
+        """The types planned over for grid-type floors: each item's allowed types but the grid types under
+        the floor of any member (its top type when that leaves none; _widen then lowers the floor)."""
         lazy = grid_type_ids()
-        return [
-            x
-            for x, bpw in zip(self.candidates[name], self._bpw_of(name), strict=True)
-            if bpw >= floor or x not in lazy
-        ]
+        out: dict[str, list[int]] = {}
+        for it in b.items if items is None else items:
+            types = allowed[it.names[0]]
+            keep = [
+                x for x in types if x not in lazy or all(self._bpw_of(n)[x] >= floors[n] for n in it.names)
+            ] or types[-1:]
+            out.update(dict.fromkeys(it.names, keep))
+        return out
 
     def _score_sets(self, sets: dict[str, list[int]], pins: dict[str, int]) -> None:
         assert self.scorer is not None
@@ -299,7 +267,7 @@ class Scores:
         self.scorer.ensure(need)
         self.curves = self.scorer.curves()
 
-    def _widen(self, plan: Plan, floors: dict[str, float]) -> bool:
+    def _widen(self, plan: Plan, allowed: dict[str, list[int]], floors: dict[str, float]) -> bool:
         """Lower a tensor's floor to its next grid type when its pick is the cheapest of the types above
         the highest grid type left out (all of them are planned over), or under it: a pick above the
         cheapest of them is bracketed by scored types, but at the bottom an unscored grid type could be
@@ -309,7 +277,7 @@ class Scores:
         for pt in plan.tensors:
             if pt.name not in floors:
                 continue
-            bpw = dict(zip(self.candidates[pt.name], self._bpw_of(pt.name), strict=True))
+            bpw = {x: v for x, v in self._bpw_of(pt.name).items() if x in allowed[pt.name]}
             excluded = [v for x, v in bpw.items() if x in lazy and v < floors[pt.name]]
             if not excluded:
                 continue
@@ -322,28 +290,31 @@ class Scores:
 
     # ---- the optimizer over chosen candidates ----------------------------------------------------
 
-    def _plan_over(
-        self,
-        b: _Budget,
-        sets: dict[str, list[int]],
-        target_bpw: float | None,
-        target_size: int | None,
-    ) -> Plan:
-        """The optimizer's plan when each free tensor may take the candidates of its set."""
+    def _plan_over(self, b: Budgets, sets: dict[str, list[int]]) -> Plan:
+        """The optimizer's plan when each free tensor may take the candidates of its set: one item per
+        tensor or tie group (its members' bytes and errors summed), one budget per group."""
         info = self.model
-        free = [name for name in self.candidates if name not in b.pins]
-        points: list[tuple[list[int], list[int], list[float]]] = []
-        for name in free:
-            c = self.curves[name]
-            types = sets[name]
-            idx = [c.types.index(x) for x in types]
-            points.append((types, [c.nbytes[i] for i in idx], [c.errors[i] for i in idx]))
-        curves = [
-            (np.array([b.cost(x) for x in nb], dtype=np.float64), np.array(err, dtype=np.float64))
-            for _, nb, err in points
-        ]
-        chosen = allocate(curves, b.budget - b.fixed, b.slack)
-        pick = {name: (p[0][i], p[1][i], p[2][i]) for name, p, i in zip(free, points, chosen, strict=True)}
+        curves: list[tuple[np.ndarray, np.ndarray]] = []
+        options: list[list[dict[str, tuple[int, int, float]]]] = []  # per item and type: member -> pick
+        for it in b.items:
+            grp = b.groups[it.group]
+            per_type: list[dict[str, tuple[int, int, float]]] = []
+            for x in sets[it.names[0]]:
+                picks = {}
+                for n in it.names:
+                    c = self.curves[n]
+                    i = c.types.index(x)
+                    picks[n] = (x, c.nbytes[i], c.errors[i])
+                per_type.append(picks)
+            options.append(per_type)
+            curves.append((
+                np.array([sum(grp.cost(nb) for _, nb, _ in p.values()) for p in per_type], dtype=np.float64),
+                np.array([sum(err for _, _, err in p.values()) for p in per_type], dtype=np.float64),
+            ))
+        chosen = allocate(
+            curves, [g.budget - g.fixed for g in b.groups], [g.slack for g in b.groups], [it.group for it in b.items]
+        )
+        pick = {n: v for per_type, k in zip(options, chosen, strict=True) for n, v in per_type[k].items()}
 
         tensors: list[PlanTensor] = []
         for t in info.tensors:
@@ -365,14 +336,10 @@ class Scores:
             tensors,
             self.meta_size,
             self.imatrix_label,
-            target_bpw,
-            None if target_size is None else int(target_size),
+            b.target_bpw,
+            b.target_size,
             requantize,
             (8.0 * raw_lo / n_elements, 8.0 * raw_hi / n_elements),
         )
-        if not b.by_size:
-            if plan.tensor_bytes > b.budget:
-                raise LlqxError("internal error: plan exceeds its budget")
-        elif plan.file_size > int(target_size or 0):
-            raise LlqxError("internal error: plan exceeds its file size budget")
+        plan.budgets = b.report(plan)  # checks every budget
         return plan

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from .errors import LlqxError
-from .types import FileType
+from .types import FileType, ggml_type
 
 # how the scorer treats the low-bit grid types: score all up front, or only near a target (window)
 CANDIDATE_MODES = ("all", "window")
@@ -31,15 +31,86 @@ def parse_size(text: str) -> int:
     return size
 
 
-def parse_bpw(text: str) -> float:
+def parse_bpw(text: str, option: str = "--target-bpw") -> float:
     """A target in bits per weight: a finite positive number."""
     try:
         value = float(text)
     except ValueError:
-        raise LlqxError(f"invalid --target-bpw '{text}' (a number of bits per weight)") from None
+        raise LlqxError(f"invalid {option} '{text}' (a number of bits per weight)") from None
     if not (math.isfinite(value) and value > 0):
-        raise LlqxError(f"invalid --target-bpw '{text}' (must be a finite positive number)")
+        raise LlqxError(f"invalid {option} '{text}' (must be a finite positive number)")
     return value
+
+
+# named tie patterns: fused MoE kernels run the gate and up experts of a layer as one matrix, so they
+# want one type for both
+TIE_PRESETS = {"moe-fused": r"ffn_(gate|up)_exps"}
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """One --budget: the tensors whose names match ``pattern`` (regex search; the first matching budget
+    wins) may take ``size`` bytes of tensor data, or ``bpw`` bits per weight over their own elements."""
+
+    pattern: str
+    size: int | None = None
+    bpw: float | None = None
+
+    @property
+    def value(self) -> str:
+        return f"{self.bpw}bpw" if self.bpw is not None else f"{self.size:,} bytes"
+
+
+def _regex(pattern: str, option: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise LlqxError(f"invalid regex '{pattern}' in {option}: {exc}") from None
+    return pattern
+
+
+def budget_spec(pattern: str, value: int | str) -> BudgetSpec:
+    """A budget from its regex and its value: bytes (an int, or a size as --target-size reads it) or a
+    bpw ('4.5bpw')."""
+    _regex(pattern, "--budget")
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise LlqxError(
+            f"invalid budget {value!r} for '{pattern}': bytes as an int, or a string like '800M' or '4.5bpw'"
+        )
+    if isinstance(value, int):
+        if value <= 0:
+            raise LlqxError(f"invalid budget {value} for '{pattern}': must be positive")
+        return BudgetSpec(pattern, size=value)
+    if value.strip().lower().endswith("bpw"):
+        return BudgetSpec(pattern, bpw=parse_bpw(value.strip()[:-3], "--budget"))
+    return BudgetSpec(pattern, size=parse_size(value))
+
+
+def parse_budget(text: str) -> BudgetSpec:
+    """--budget REGEX=SIZE or REGEX=Xbpw (the last '=' splits, so the regex may hold one)."""
+    pattern, sep, value = text.rpartition("=")
+    if not sep or not pattern or not value:
+        raise LlqxError(f"invalid --budget '{text}' (use REGEX=SIZE or REGEX=Xbpw, e.g. '_exps\\.=4.5bpw')")
+    return budget_spec(pattern, value)
+
+
+def parse_tie(text: str) -> str:
+    """--tie REGEX, or a named pattern (TIE_PRESETS): the regex."""
+    if not text:
+        raise LlqxError(f"invalid --tie '' (a regex, or one of {', '.join(TIE_PRESETS)})")
+    return TIE_PRESETS.get(text) or _regex(text, "--tie")
+
+
+def parse_type_bound(text: str, option: str) -> tuple[str, int]:
+    """--min-type / --max-type REGEX=TYPE: the regex and the ggml type id."""
+    pattern, sep, tname = text.rpartition("=")
+    if not sep or not pattern or not tname:
+        raise LlqxError(f"invalid {option} '{text}' (use REGEX=TYPE, e.g. attn_v=q8_0)")
+    try:
+        tid = ggml_type(tname).id
+    except LlqxError as exc:
+        raise LlqxError(f"invalid {option} '{text}': {exc}") from None
+    return _regex(pattern, option), tid
 
 
 def parse_candidates(text: str) -> str:
@@ -65,7 +136,9 @@ class QuantizeRequest:
     ``tensor_types`` are ``(lower-cased pattern, ggml type id)`` in command-line order
     (``--tensor-type`` and ``--tensor-type-file`` interleaved, as upstream). ``output`` is None for a
     dry run, and in target mode when no output was named (the plan's bpw then names it).
-    ``ftype`` is None only in target mode without a type. ``target_size`` is in bytes.
+    ``ftype`` is None only in target mode without a type. ``target_size`` is in bytes. ``budgets``,
+    ``ties`` (regexes, presets resolved), ``min_types`` / ``max_types`` ((regex, ggml type id)): in
+    command-line order, first match wins.
     """
 
     input: str
@@ -94,7 +167,11 @@ class QuantizeRequest:
     state_file: str | None = None
     candidates: str = "all"
     score_elements: int | None = None
+    budgets: list[BudgetSpec] = field(default_factory=list)
+    ties: list[str] = field(default_factory=list)
+    min_types: list[tuple[str, int]] = field(default_factory=list)
+    max_types: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def target_mode(self) -> bool:
-        return self.target_bpw is not None or self.target_size is not None
+        return self.target_bpw is not None or self.target_size is not None or bool(self.budgets)

@@ -1,7 +1,8 @@
-"""Target mode as a library step: a QuantizeRequest with --target-bpw/--target-size checked in full, then
-scored, planned and written. Every check that needs no scores runs before scoring (paths, output, state
-file, imatrix, requantize, the target against the achievable range with the pins applied), so a bad
-command fails in seconds, not after an hour of scoring. The CLI (llqx.cli.target) only prints.
+"""Target mode as a library step: a QuantizeRequest with --target-bpw/--target-size/--budget checked in
+full, then scored, planned and written. Every check that needs no scores runs before scoring (paths,
+output, state file, imatrix, requantize, the target and every --budget against the range achievable
+under the pins, bounds and ties), so a bad command fails in seconds, not after an hour of scoring. The
+CLI (llqx.cli.target) only prints.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def check_request(req: QuantizeRequest) -> None:
     if req.target_bpw is not None and req.target_size is not None:
         raise LlqxError("--target-bpw and --target-size cannot be used together")
     if not req.target_mode:
-        raise LlqxError("give --target-bpw or --target-size")
+        raise LlqxError("give --target-bpw, --target-size or --budget")
     refuse_unsupported(req)
     if not req.imatrix:
         raise LlqxError(
@@ -99,11 +100,16 @@ def prepare(req: QuantizeRequest, im: Imatrix) -> Scores:
 
 
 def pins_of(req: QuantizeRequest) -> dict[str, Any]:
+    """The plan's options besides the target (Scores.plan / check_target): pins, budgets, ties, bounds."""
     return {
         "tensor_types": req.tensor_types,
         "output_tensor_type": req.output_tensor_type,
         "token_embedding_type": req.token_embedding_type,
         "leave_output_tensor": req.leave_output_tensor,
+        "budgets": req.budgets,
+        "ties": req.ties,
+        "min_types": req.min_types,
+        "max_types": req.max_types,
     }
 
 

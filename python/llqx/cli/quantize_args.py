@@ -18,11 +18,15 @@ from ..metadata import parse_kv_override
 from ..quantize import default_output_path, parse_prune_layers, read_tensor_type_file
 from ..request import (
     CANDIDATE_MODES,
+    TIE_PRESETS,
     QuantizeRequest,
     parse_bpw,
+    parse_budget,
     parse_candidates,
     parse_score_elements,
     parse_size,
+    parse_tie,
+    parse_type_bound,
 )
 from ..types import FILE_TYPES, c_stoi, file_type, ggml_type, parse_tensor_type
 
@@ -66,6 +70,17 @@ def usage_text(prog: str = PROG) -> str:
             "lower it to quantize models with very large tensors on a machine with little RAM"]),
         ("--target-bpw X", ["(llqx) per-tensor types with the lowest error for X bits per weight"]),
         ("--target-size N[B|K|M|G|T]", ["(llqx) the same for an output file of N bytes"]),
+        ("--budget REGEX=SIZE|Xbpw", [
+            "(llqx) tensors matching REGEX get their own budget of tensor bytes (SIZE as --target-size)",
+            "or bits per weight; the target covers the rest (repeatable; the first match wins)",
+            "example: --budget '_exps\\.=4.5bpw' --budget 'attn_=12M' --target-size 2G"]),
+        ("--tie REGEX|moe-fused", [
+            "(llqx) tensors of one layer matching REGEX get one type (repeatable)",
+            f"example: --tie moe-fused (= --tie '{TIE_PRESETS['moe-fused']}')"]),
+        ("--min-type REGEX=TYPE", ["(llqx) tensors matching REGEX take no type smaller than TYPE on them",
+                                   "example: --min-type attn_v=q8_0"]),
+        ("--max-type REGEX=TYPE", ["(llqx) tensors matching REGEX take no type larger than TYPE on them",
+                                   "example: --max-type 'ffn_.*_exps=q6_k'"]),
         ("--state-file PATH", ["(llqx) keep the measured per-tensor errors in PATH for later runs",
                                "(an llqx state file; any other file there is refused)"]),
         ("--candidates all|window", ["(llqx) window: score the IQ1-IQ3 grid types only near the target"]),
@@ -79,8 +94,8 @@ def usage_text(prog: str = PROG) -> str:
         "       [--exclude-weights] [--output-tensor-type] [--token-embedding-type] [--tensor-type] "
         "[--tensor-type-file]",
         "       [--prune-layers] [--keep-split] [--override-kv] [--dry-run] [--max-buffer-size]",
-        "       [--target-bpw] [--target-size] [--state-file] [--candidates] [--score-elements] [--quiet]",
-        "       [--verbose] [--json]",
+        "       [--target-bpw] [--target-size] [--budget] [--tie] [--min-type] [--max-type] [--state-file]",
+        "       [--candidates] [--score-elements] [--quiet] [--verbose] [--json]",
         "       model-f32.gguf [model-quant.gguf] type [nthreads]",
         "",
     ]
@@ -131,7 +146,10 @@ _VALUE_OPTIONS = {
     "--override-kv", "--imatrix", "--include-weights", "--exclude-weights", "--max-buffer-size",
 }
 # llqx's own options: a bad value is one line (LlqxError), not upstream's usage text
-_LLQX_VALUE_OPTIONS = {"--target-bpw", "--target-size", "--state-file", "--candidates", "--score-elements"}
+_LLQX_VALUE_OPTIONS = {
+    "--target-bpw", "--target-size", "--state-file", "--candidates", "--score-elements", "--budget", "--tie",
+    "--min-type", "--max-type",
+}
 _FLAG_OPTIONS = {
     "--leave-output-tensor": "leave_output_tensor", "--dry-run": "dry_run",
     "--allow-requantize": "allow_requantize", "--pure": "pure", "--keep-split": "keep_split",
@@ -169,6 +187,14 @@ def _apply_value(ns: QuantizeRequest, opt: str, value: str) -> None:
         ns.candidates = parse_candidates(value)
     elif opt == "--score-elements":
         ns.score_elements = parse_score_elements(value)
+    elif opt == "--budget":
+        ns.budgets.append(parse_budget(value))
+    elif opt == "--tie":
+        ns.ties.append(parse_tie(value))
+    elif opt == "--min-type":
+        ns.min_types.append(parse_type_bound(value, opt))
+    elif opt == "--max-type":
+        ns.max_types.append(parse_type_bound(value, opt))
 
 
 def _state_path(value: str) -> str:
@@ -291,9 +317,24 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     """The target options (handled by llqx.cli.target.run_target)."""
     g = parser.add_argument_group("target size (llqx)")
     g.add_argument("--target-bpw", metavar="X", action=_Checked, convert=parse_bpw, default=None,
-                   help="the lowest-error mix at or below X bits per weight (llama.cpp's BPW over all tensors)")
+                   help="the lowest-error mix at or below X bits per weight (llama.cpp's BPW over all tensors; "
+                   "with --budget, over those no --budget matches)")
     g.add_argument("--target-size", metavar="N[B|K|M|G|T]", action=_Checked, convert=parse_size, default=None,
                    help="the same for a whole file of at most N bytes (K, M, G, T: powers of 1024)")
+    g.add_argument("--budget", metavar="REGEX=SIZE|Xbpw", dest="budgets", action=_Checked, convert=parse_budget,
+                   append=True, default=[],
+                   help="tensors matching REGEX get their own budget of tensor bytes (SIZE as --target-size) or "
+                   "bits per weight; the target covers the rest; repeatable, the first match wins "
+                   "(e.g. --budget '_exps\\.=4.5bpw' --target-size 2G)")
+    g.add_argument("--tie", metavar="REGEX", dest="ties", action=_Checked, convert=parse_tie, append=True,
+                   default=[], help="tensors of one layer matching REGEX get one type; repeatable "
+                   f"(e.g. --tie moe-fused, which is --tie '{TIE_PRESETS['moe-fused']}')")
+    g.add_argument("--min-type", metavar="REGEX=TYPE", dest="min_types", action=_Checked,
+                   convert=lambda v: parse_type_bound(v, "--min-type"), append=True, default=[],
+                   help="tensors matching REGEX take no type smaller than TYPE on them (e.g. attn_v=q8_0)")
+    g.add_argument("--max-type", metavar="REGEX=TYPE", dest="max_types", action=_Checked,
+                   convert=lambda v: parse_type_bound(v, "--max-type"), append=True, default=[],
+                   help="tensors matching REGEX take no type larger than TYPE on them (e.g. 'ffn_.*_exps=q6_k')")
     g.add_argument("--state-file", metavar="PATH", action=_Checked, convert=_state_path, default=None,
                    help="keep the scoring in PATH (an llqx state file; any other file is refused): "
                    "resumes after Ctrl+C and serves later targets at once")

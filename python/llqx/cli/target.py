@@ -39,6 +39,12 @@ def print_plan(plan: Plan, console: Any) -> None:
     for k, (b, n) in plan.layers().items():
         lt.add_row(k, f"{8.0 * b / max(n, 1):.3f}", f"{b / 2**20:.2f}")
     console.print(lt)
+    if len(plan.budgets) > 1:
+        for b in plan.budgets:
+            who = f"budget '{b.pattern}'" if b.pattern is not None else "the rest"
+            want = f"{b.target_bpw} bpw" if b.target_bpw is not None else f"{b.target_bytes:,} bytes"
+            got = f"file {b.file_size:,} bytes" if b.file_size is not None else f"{b.tensor_bytes:,} bytes"
+            console.print(f"{who} ({b.n_tensors} tensors): {b.bpw:.4f} bpw, {got}; target {want}", markup=False)
     lo, hi = plan.achievable
     console.print(
         f"total: {plan.bpw:.4f} bpw ({plan.tensor_bytes:,} tensor bytes, {plan.n_elements:,} weights), "
