@@ -1,13 +1,13 @@
 #include "llqx_eval.h"
 
+#include "llqx_llama.h"
+
 #include "llama.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <memory>
-#include <mutex>
 #include <thread>
 
 namespace {
@@ -20,24 +20,6 @@ struct context_deleter {
 };
 using model_ptr   = std::unique_ptr<llama_model, model_deleter>;
 using context_ptr = std::unique_ptr<llama_context, context_deleter>;
-
-void backend_init_once() {
-    static std::once_flag once;
-    std::call_once(once, [] { llama_backend_init(); });
-}
-
-model_ptr load_model(const std::string & path, int32_t n_gpu_layers, bool repack, bool vocab_only, std::string & err) {
-    backend_init_once();
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = n_gpu_layers;
-    mp.vocab_only   = vocab_only;
-    mp.use_extra_bufts = repack;
-    model_ptr model(llama_model_load_from_file(path.c_str(), mp));
-    if (!model) {
-        err = "failed to load model " + path;
-    }
-    return model;
-}
 
 // same rounding as llama-perplexity's nearest_int (valid for |fval| < 2^22)
 inline int nearest_int(float fval) {
@@ -170,7 +152,7 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
         err = "context size must be at least 4 tokens";
         return false;
     }
-    model_ptr model = load_model(model_path, params.n_gpu_layers, params.repack, false, err);
+    model_ptr model(llqx_model_load(model_path, params.n_gpu_layers, params.repack, false, err));
     if (!model) {
         return false;
     }
@@ -259,32 +241,13 @@ int32_t llqx_eval_n_scored(int32_t n_ctx) {
 
 bool llqx_eval_tokenize(const std::string & model_path, const std::string & text,
                         std::vector<int32_t> & tokens, int32_t & n_vocab, std::string & err) {
-    model_ptr model = load_model(model_path, 0, false, true, err);
+    model_ptr model(llqx_model_load(model_path, 0, false, true, err));
     if (!model) {
         return false;
     }
     const llama_vocab * vocab = llama_model_get_vocab(model.get());
     n_vocab = llama_vocab_n_tokens(vocab);
-    if (text.size() > size_t(std::numeric_limits<int32_t>::max()) - 2) {
-        err = "text too large to tokenize";
-        return false;
-    }
-    tokens.resize(text.size() + 2);
-    int32_t n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), tokens.data(), (int32_t) tokens.size(), true, false);
-    if (n < 0) {
-        if (n == std::numeric_limits<int32_t>::min()) {
-            err = "tokenization failed: text too large";
-            return false;
-        }
-        tokens.resize(-n);
-        n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), tokens.data(), (int32_t) tokens.size(), true, false);
-        if (n < 0) {
-            err = "tokenization failed";
-            return false;
-        }
-    }
-    tokens.resize(n);
-    return true;
+    return llqx_vocab_tokenize(vocab, text, true, false, tokens, err);
 }
 
 bool llqx_eval_base(const std::string & model_path, const llqx_eval_params & params,

@@ -1,5 +1,7 @@
 #include "llqx_imatrix.h"
 
+#include "llqx_llama.h"
+
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml.h"
@@ -10,7 +12,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <map>
 #include <thread>
 
@@ -272,19 +273,11 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, s
         err = "the number of threads must be > 0";
         return nullptr;
     }
-    llama_backend_init();
-
     auto * col = new llqx_imatrix_collector();
     col->params = params;
 
-    llama_model_params mparams = llama_model_default_params();
-    if (params.n_gpu_layers >= 0) {
-        mparams.n_gpu_layers = params.n_gpu_layers;
-    }
-    mparams.use_extra_bufts = params.repack;
-    col->model = llama_model_load_from_file(params.model_path.c_str(), mparams);
+    col->model = llqx_model_load(params.model_path, params.n_gpu_layers, params.repack, false, err);
     if (col->model == nullptr) {
-        err = "cannot load model " + params.model_path;
         llqx_imatrix_free(col);
         return nullptr;
     }
@@ -331,28 +324,7 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, s
 
 bool llqx_imatrix_tokenize(llqx_imatrix_collector * col, const std::string & text, bool parse_special,
                            std::vector<int32_t> & tokens, std::string & err) {
-    const llama_vocab * vocab = llama_model_get_vocab(col->model);
-    if (text.size() > (size_t) std::numeric_limits<int32_t>::max() / 2) {
-        err = "text too large to tokenize";
-        return false;
-    }
-    std::vector<llama_token> out(text.size() + 2);
-    int32_t n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), true, parse_special);
-    if (n == std::numeric_limits<int32_t>::min()) {
-        err = "tokenization failed: too many tokens";
-        return false;
-    }
-    if (n < 0) {
-        out.resize(-n);
-        n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), true, parse_special);
-        if (n < 0) {
-            err = "tokenization failed";
-            return false;
-        }
-    }
-    out.resize(n);
-    tokens.assign(out.begin(), out.end());
-    return true;
+    return llqx_vocab_tokenize(llama_model_get_vocab(col->model), text, true, parse_special, tokens, err);
 }
 
 int32_t llqx_imatrix_n_vocab(const llqx_imatrix_collector * col) {

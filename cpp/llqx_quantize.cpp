@@ -1,5 +1,7 @@
 #include "llqx_quantize.h"
 
+#include "llqx_llama.h"
+
 #include "ggml.h"
 #include "llama.h"
 
@@ -87,7 +89,7 @@ bool llqx_model_quantize(const llqx_quantize_request & req, std::string & err) {
         params.prune_layers = prune_layers.data();
     }
 
-    llama_backend_init();
+    llqx_backend_init();
     uint32_t rc = 1;
     try {
         rc = llama_model_quantize(req.input.c_str(), req.output.c_str(), &params);
