@@ -146,10 +146,10 @@ void parallel_for(int32_t n, int32_t n_threads, F fn) {
 template <typename F>
 bool run_chunks(const std::string & model_path, const llqx_eval_params & params, const int32_t * tokens,
                 int32_t n_chunk, int32_t expect_vocab, llqx_eval_progress_t progress, void * user_data,
-                F on_chunk, std::string & err) {
+                F on_chunk, llqx_error & err) {
     const int32_t n_ctx = params.n_ctx;
     if (n_ctx < 4) {
-        err = "context size must be at least 4 tokens";
+        err = { LLQX_STATUS_INPUT, "context size must be at least 4 tokens" };
         return false;
     }
     model_ptr model(llqx_model_load(model_path, params.n_gpu_layers, params.repack, false, err));
@@ -159,12 +159,13 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
     const llama_vocab * vocab = llama_model_get_vocab(model.get());
     const int32_t n_vocab = llama_vocab_n_tokens(vocab);
     if (expect_vocab > 0 && n_vocab != expect_vocab) {
-        err = "vocabulary of " + model_path + " (" + std::to_string(n_vocab) +
-              " tokens) differs from the base model's (" + std::to_string(expect_vocab) + ")";
+        err = { LLQX_STATUS_INPUT, "vocabulary of " + model_path + " (" + std::to_string(n_vocab) +
+                " tokens) differs from the base model's (" + std::to_string(expect_vocab) + ")" };
         return false;
     }
     if (llama_vocab_get_add_eos(vocab)) {
-        err = "models whose vocabulary appends EOS are not supported (as in llama-perplexity)";
+        err = { LLQX_STATUS_INPUT,
+                "models whose vocabulary appends EOS are not supported (as in llama-perplexity)" };
         return false;
     }
     const bool add_bos = llama_vocab_get_add_bos(vocab);
@@ -179,7 +180,8 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
     cp.no_perf         = true;
     context_ptr ctx(llama_init_from_model(model.get(), cp));
     if (!ctx) {
-        err = "failed to create a context of " + std::to_string(n_ctx) + " tokens for " + model_path;
+        err = { LLQX_STATUS_CORE,
+                "failed to create a context of " + std::to_string(n_ctx) + " tokens for " + model_path };
         return false;
     }
 
@@ -189,7 +191,7 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
     bool ok = true;
     for (int32_t c = 0; c < n_chunk && ok; ++c) {
         if (progress && !progress(c, n_chunk, user_data)) {
-            err = "aborted";
+            err = { LLQX_STATUS_CORE, "aborted" };
             ok = false;
             break;
         }
@@ -205,7 +207,8 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
         }
         const int32_t rc = llama_decode(ctx.get(), batch);
         if (rc != 0) {
-            err = "llama_decode failed with status " + std::to_string(rc) + " on chunk " + std::to_string(c);
+            err = { LLQX_STATUS_CORE,
+                    "llama_decode failed with status " + std::to_string(rc) + " on chunk " + std::to_string(c) };
             ok = false;
             break;
         }
@@ -213,7 +216,7 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
         for (int32_t k = first; k < n_ctx; ++k) {
             logits[k - first] = llama_get_logits_ith(ctx.get(), k);
             if (!logits[k - first]) {
-                err = "no logits for position " + std::to_string(k);
+                err = { LLQX_STATUS_CORE, "no logits for position " + std::to_string(k) };
                 ok = false;
                 break;
             }
@@ -240,7 +243,7 @@ int32_t llqx_eval_n_scored(int32_t n_ctx) {
 }
 
 bool llqx_eval_tokenize(const std::string & model_path, const std::string & text,
-                        std::vector<int32_t> & tokens, int32_t & n_vocab, std::string & err) {
+                        std::vector<int32_t> & tokens, int32_t & n_vocab, llqx_error & err) {
     model_ptr model(llqx_model_load(model_path, 0, false, true, err));
     if (!model) {
         return false;
@@ -252,7 +255,7 @@ bool llqx_eval_tokenize(const std::string & model_path, const std::string & text
 
 bool llqx_eval_base(const std::string & model_path, const llqx_eval_params & params,
                     const int32_t * tokens, int32_t n_chunk, uint16_t * rows, float * nll,
-                    llqx_eval_progress_t progress, void * user_data, std::string & err) {
+                    llqx_eval_progress_t progress, void * user_data, llqx_error & err) {
     const int32_t n_ctx    = params.n_ctx;
     const int32_t first    = n_ctx/2;
     const int32_t n_scored = llqx_eval_n_scored(n_ctx);
@@ -270,7 +273,7 @@ bool llqx_eval_base(const std::string & model_path, const llqx_eval_params & par
 bool llqx_eval_compare(const std::string & model_path, const llqx_eval_params & params,
                        const int32_t * tokens, int32_t n_chunk, const uint16_t * rows, int32_t n_vocab,
                        const llqx_eval_token_stats & out,
-                       llqx_eval_progress_t progress, void * user_data, std::string & err) {
+                       llqx_eval_progress_t progress, void * user_data, llqx_error & err) {
     const int32_t n_ctx    = params.n_ctx;
     const int32_t first    = n_ctx/2;
     const int32_t n_scored = llqx_eval_n_scored(n_ctx);

@@ -260,17 +260,17 @@ void llqx_imatrix_free(llqx_imatrix_collector * col) {
     delete col;
 }
 
-llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, std::string & err) {
+llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, llqx_error & err) {
     if (params.n_ctx <= 0) {
-        err = "the context size (chunk size) must be > 0";
+        err = { LLQX_STATUS_INPUT, "the context size (chunk size) must be > 0" };
         return nullptr;
     }
     if (params.n_batch <= 0 || params.n_ubatch <= 0) {
-        err = "batch sizes must be > 0";
+        err = { LLQX_STATUS_INPUT, "batch sizes must be > 0" };
         return nullptr;
     }
     if (params.n_threads <= 0) {
-        err = "the number of threads must be > 0";
+        err = { LLQX_STATUS_INPUT, "the number of threads must be > 0" };
         return nullptr;
     }
     auto * col = new llqx_imatrix_collector();
@@ -288,7 +288,7 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, s
     const int32_t n_kv = col->n_seq * n_ctx;
     const int32_t n_batch = std::min(params.n_batch, n_kv);
     if (!(n_batch < n_ctx || n_batch % n_ctx == 0)) {
-        err = "the batch size must be smaller than the context or a multiple of it";
+        err = { LLQX_STATUS_INPUT, "the batch size must be smaller than the context or a multiple of it" };
         llqx_imatrix_free(col);
         return nullptr;
     }
@@ -308,7 +308,7 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, s
     cparams.swa_full          = false; // llama-imatrix's (common) default
     col->ctx = llama_init_from_model(col->model, cparams);
     if (col->ctx == nullptr) {
-        err = "cannot create a context for " + params.model_path;
+        err = { LLQX_STATUS_CORE, "cannot create a context for " + params.model_path };
         llqx_imatrix_free(col);
         return nullptr;
     }
@@ -323,7 +323,7 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, s
 }
 
 bool llqx_imatrix_tokenize(llqx_imatrix_collector * col, const std::string & text, bool parse_special,
-                           std::vector<int32_t> & tokens, std::string & err) {
+                           std::vector<int32_t> & tokens, llqx_error & err) {
     return llqx_vocab_tokenize(llama_model_get_vocab(col->model), text, true, parse_special, tokens, err);
 }
 
@@ -381,14 +381,15 @@ static void imatrix_nll(int32_t n_vocab, const float * logits, const llama_token
 
 bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> & tokens_in, int32_t n_chunk,
                       llqx_imatrix_progress_cb progress, void * user_data,
-                      llqx_imatrix_run_result & result, std::string & err) {
+                      llqx_imatrix_run_result & result, llqx_error & err) {
     result = llqx_imatrix_run_result();
     col->cancel.store(false);
     col->t_collect_s = 0.0;
 
     const int32_t n_ctx = col->params.n_ctx;
     if (n_chunk <= 0 || (int64_t) n_chunk * n_ctx > (int64_t) tokens_in.size()) {
-        err = "not enough tokens for " + std::to_string(n_chunk) + " chunks of " + std::to_string(n_ctx) + " tokens";
+        err = { LLQX_STATUS_INPUT,
+                "not enough tokens for " + std::to_string(n_chunk) + " chunks of " + std::to_string(n_ctx) + " tokens" };
         return false;
     }
 
@@ -404,7 +405,7 @@ bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> &
     std::vector<llama_token> tokens(tokens_in.begin(), tokens_in.end());
     for (llama_token t : tokens) {
         if (t < 0 || t >= n_vocab) {
-            err = "token id " + std::to_string(t) + " is outside the vocabulary";
+            err = { LLQX_STATUS_INPUT, "token id " + std::to_string(t) + " is outside the vocabulary" };
             return false;
         }
     }
@@ -448,12 +449,12 @@ bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> &
 
             const int32_t ret = llama_decode(col->ctx, batch);
             if (col->failed.load()) {
-                err = col->fail_msg;
+                err = { LLQX_STATUS_CORE, col->fail_msg };
                 ok = false;
                 break;
             }
             if (ret != 0) {
-                err = "llama_decode failed with status " + std::to_string(ret);
+                err = { LLQX_STATUS_CORE, "llama_decode failed with status " + std::to_string(ret) };
                 ok = false;
                 break;
             }

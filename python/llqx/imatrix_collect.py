@@ -98,7 +98,7 @@ class ImatrixCollector:
         _log.recent_errors.clear()
         try:
             self._core = _core.ImatrixCollector(p)
-        except ValueError as exc:
+        except _core.Error as exc:
             cause = _log.last_error("")
             raise LlqxError(f"{exc}{': ' + cause if cause else ''}") from None
         self.n_ctx = n_ctx
@@ -170,7 +170,7 @@ class ImatrixCollector:
         worker.join()
         error = outcome.get("error")
         if error is not None:
-            if isinstance(error, RuntimeError):
+            if isinstance(error, _core.Error):
                 raise LlqxError(str(error)) from None
             raise error  # type: ignore[misc]
         if interrupted and not stop_on_interrupt:
