@@ -1,13 +1,13 @@
 #include "llqx_eval.h"
 
+#include "llqx_llama.h"
+
 #include "llama.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <memory>
-#include <mutex>
 #include <thread>
 
 namespace {
@@ -20,24 +20,6 @@ struct context_deleter {
 };
 using model_ptr   = std::unique_ptr<llama_model, model_deleter>;
 using context_ptr = std::unique_ptr<llama_context, context_deleter>;
-
-void backend_init_once() {
-    static std::once_flag once;
-    std::call_once(once, [] { llama_backend_init(); });
-}
-
-model_ptr load_model(const std::string & path, int32_t n_gpu_layers, bool repack, bool vocab_only, std::string & err) {
-    backend_init_once();
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = n_gpu_layers;
-    mp.vocab_only   = vocab_only;
-    mp.use_extra_bufts = repack;
-    model_ptr model(llama_model_load_from_file(path.c_str(), mp));
-    if (!model) {
-        err = "failed to load model " + path;
-    }
-    return model;
-}
 
 // same rounding as llama-perplexity's nearest_int (valid for |fval| < 2^22)
 inline int nearest_int(float fval) {
@@ -164,25 +146,26 @@ void parallel_for(int32_t n, int32_t n_threads, F fn) {
 template <typename F>
 bool run_chunks(const std::string & model_path, const llqx_eval_params & params, const int32_t * tokens,
                 int32_t n_chunk, int32_t expect_vocab, llqx_eval_progress_t progress, void * user_data,
-                F on_chunk, std::string & err) {
+                F on_chunk, llqx_error & err) {
     const int32_t n_ctx = params.n_ctx;
     if (n_ctx < 4) {
-        err = "context size must be at least 4 tokens";
+        err = { LLQX_STATUS_INPUT, "context size must be at least 4 tokens" };
         return false;
     }
-    model_ptr model = load_model(model_path, params.n_gpu_layers, params.repack, false, err);
+    model_ptr model(llqx_model_load(model_path, params.n_gpu_layers, params.repack, false, err));
     if (!model) {
         return false;
     }
     const llama_vocab * vocab = llama_model_get_vocab(model.get());
     const int32_t n_vocab = llama_vocab_n_tokens(vocab);
     if (expect_vocab > 0 && n_vocab != expect_vocab) {
-        err = "vocabulary of " + model_path + " (" + std::to_string(n_vocab) +
-              " tokens) differs from the base model's (" + std::to_string(expect_vocab) + ")";
+        err = { LLQX_STATUS_INPUT, "vocabulary of " + model_path + " (" + std::to_string(n_vocab) +
+                " tokens) differs from the base model's (" + std::to_string(expect_vocab) + ")" };
         return false;
     }
     if (llama_vocab_get_add_eos(vocab)) {
-        err = "models whose vocabulary appends EOS are not supported (as in llama-perplexity)";
+        err = { LLQX_STATUS_INPUT,
+                "models whose vocabulary appends EOS are not supported (as in llama-perplexity)" };
         return false;
     }
     const bool add_bos = llama_vocab_get_add_bos(vocab);
@@ -197,7 +180,8 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
     cp.no_perf         = true;
     context_ptr ctx(llama_init_from_model(model.get(), cp));
     if (!ctx) {
-        err = "failed to create a context of " + std::to_string(n_ctx) + " tokens for " + model_path;
+        err = { LLQX_STATUS_CORE,
+                "failed to create a context of " + std::to_string(n_ctx) + " tokens for " + model_path };
         return false;
     }
 
@@ -207,7 +191,7 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
     bool ok = true;
     for (int32_t c = 0; c < n_chunk && ok; ++c) {
         if (progress && !progress(c, n_chunk, user_data)) {
-            err = "aborted";
+            err = { LLQX_STATUS_CORE, "aborted" };
             ok = false;
             break;
         }
@@ -223,7 +207,8 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
         }
         const int32_t rc = llama_decode(ctx.get(), batch);
         if (rc != 0) {
-            err = "llama_decode failed with status " + std::to_string(rc) + " on chunk " + std::to_string(c);
+            err = { LLQX_STATUS_CORE,
+                    "llama_decode failed with status " + std::to_string(rc) + " on chunk " + std::to_string(c) };
             ok = false;
             break;
         }
@@ -231,7 +216,7 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
         for (int32_t k = first; k < n_ctx; ++k) {
             logits[k - first] = llama_get_logits_ith(ctx.get(), k);
             if (!logits[k - first]) {
-                err = "no logits for position " + std::to_string(k);
+                err = { LLQX_STATUS_CORE, "no logits for position " + std::to_string(k) };
                 ok = false;
                 break;
             }
@@ -258,38 +243,19 @@ int32_t llqx_eval_n_scored(int32_t n_ctx) {
 }
 
 bool llqx_eval_tokenize(const std::string & model_path, const std::string & text,
-                        std::vector<int32_t> & tokens, int32_t & n_vocab, std::string & err) {
-    model_ptr model = load_model(model_path, 0, false, true, err);
+                        std::vector<int32_t> & tokens, int32_t & n_vocab, llqx_error & err) {
+    model_ptr model(llqx_model_load(model_path, 0, false, true, err));
     if (!model) {
         return false;
     }
     const llama_vocab * vocab = llama_model_get_vocab(model.get());
     n_vocab = llama_vocab_n_tokens(vocab);
-    if (text.size() > size_t(std::numeric_limits<int32_t>::max()) - 2) {
-        err = "text too large to tokenize";
-        return false;
-    }
-    tokens.resize(text.size() + 2);
-    int32_t n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), tokens.data(), (int32_t) tokens.size(), true, false);
-    if (n < 0) {
-        if (n == std::numeric_limits<int32_t>::min()) {
-            err = "tokenization failed: text too large";
-            return false;
-        }
-        tokens.resize(-n);
-        n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), tokens.data(), (int32_t) tokens.size(), true, false);
-        if (n < 0) {
-            err = "tokenization failed";
-            return false;
-        }
-    }
-    tokens.resize(n);
-    return true;
+    return llqx_vocab_tokenize(vocab, text, true, false, tokens, err);
 }
 
 bool llqx_eval_base(const std::string & model_path, const llqx_eval_params & params,
                     const int32_t * tokens, int32_t n_chunk, uint16_t * rows, float * nll,
-                    llqx_eval_progress_t progress, void * user_data, std::string & err) {
+                    llqx_eval_progress_t progress, void * user_data, llqx_error & err) {
     const int32_t n_ctx    = params.n_ctx;
     const int32_t first    = n_ctx/2;
     const int32_t n_scored = llqx_eval_n_scored(n_ctx);
@@ -307,7 +273,7 @@ bool llqx_eval_base(const std::string & model_path, const llqx_eval_params & par
 bool llqx_eval_compare(const std::string & model_path, const llqx_eval_params & params,
                        const int32_t * tokens, int32_t n_chunk, const uint16_t * rows, int32_t n_vocab,
                        const llqx_eval_token_stats & out,
-                       llqx_eval_progress_t progress, void * user_data, std::string & err) {
+                       llqx_eval_progress_t progress, void * user_data, llqx_error & err) {
     const int32_t n_ctx    = params.n_ctx;
     const int32_t first    = n_ctx/2;
     const int32_t n_scored = llqx_eval_n_scored(n_ctx);

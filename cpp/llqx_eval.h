@@ -3,6 +3,8 @@
 // llama-perplexity's --kl-divergence-base layout) and quantized models compared against them
 #pragma once
 
+#include "llqx_error.h"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -27,13 +29,13 @@ int32_t llqx_eval_n_scored(int32_t n_ctx);
 
 // tokenize as llama-perplexity does (special tokens added, not parsed); loads the vocabulary only
 bool llqx_eval_tokenize(const std::string & model_path, const std::string & text,
-                        std::vector<int32_t> & tokens, int32_t & n_vocab, std::string & err);
+                        std::vector<int32_t> & tokens, int32_t & n_vocab, llqx_error & err);
 
 // run the base model over n_chunk chunks of tokens (n_chunk*n_ctx of them); fill per scored token:
 // rows (n_chunk*n_scored rows of llqx_eval_row_size) and nll (exact negative log-likelihood)
 bool llqx_eval_base(const std::string & model_path, const llqx_eval_params & params,
                     const int32_t * tokens, int32_t n_chunk, uint16_t * rows, float * nll,
-                    llqx_eval_progress_t progress, void * user_data, std::string & err);
+                    llqx_eval_progress_t progress, void * user_data, llqx_error & err);
 
 // per scored token of a quantized model against the stored base rows
 struct llqx_eval_token_stats {
@@ -47,4 +49,4 @@ struct llqx_eval_token_stats {
 bool llqx_eval_compare(const std::string & model_path, const llqx_eval_params & params,
                        const int32_t * tokens, int32_t n_chunk, const uint16_t * rows, int32_t n_vocab,
                        const llqx_eval_token_stats & out,
-                       llqx_eval_progress_t progress, void * user_data, std::string & err);
+                       llqx_eval_progress_t progress, void * user_data, llqx_error & err);

@@ -1,5 +1,7 @@
 #include "llqx_imatrix.h"
 
+#include "llqx_llama.h"
+
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml.h"
@@ -10,7 +12,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <map>
 #include <thread>
 
@@ -259,32 +260,24 @@ void llqx_imatrix_free(llqx_imatrix_collector * col) {
     delete col;
 }
 
-llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, std::string & err) {
+llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, llqx_error & err) {
     if (params.n_ctx <= 0) {
-        err = "the context size (chunk size) must be > 0";
+        err = { LLQX_STATUS_INPUT, "the context size (chunk size) must be > 0" };
         return nullptr;
     }
     if (params.n_batch <= 0 || params.n_ubatch <= 0) {
-        err = "batch sizes must be > 0";
+        err = { LLQX_STATUS_INPUT, "batch sizes must be > 0" };
         return nullptr;
     }
     if (params.n_threads <= 0) {
-        err = "the number of threads must be > 0";
+        err = { LLQX_STATUS_INPUT, "the number of threads must be > 0" };
         return nullptr;
     }
-    llama_backend_init();
-
     auto * col = new llqx_imatrix_collector();
     col->params = params;
 
-    llama_model_params mparams = llama_model_default_params();
-    if (params.n_gpu_layers >= 0) {
-        mparams.n_gpu_layers = params.n_gpu_layers;
-    }
-    mparams.use_extra_bufts = params.repack;
-    col->model = llama_model_load_from_file(params.model_path.c_str(), mparams);
+    col->model = llqx_model_load(params.model_path, params.n_gpu_layers, params.repack, false, err);
     if (col->model == nullptr) {
-        err = "cannot load model " + params.model_path;
         llqx_imatrix_free(col);
         return nullptr;
     }
@@ -295,7 +288,7 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, s
     const int32_t n_kv = col->n_seq * n_ctx;
     const int32_t n_batch = std::min(params.n_batch, n_kv);
     if (!(n_batch < n_ctx || n_batch % n_ctx == 0)) {
-        err = "the batch size must be smaller than the context or a multiple of it";
+        err = { LLQX_STATUS_INPUT, "the batch size must be smaller than the context or a multiple of it" };
         llqx_imatrix_free(col);
         return nullptr;
     }
@@ -315,7 +308,7 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, s
     cparams.swa_full          = false; // llama-imatrix's (common) default
     col->ctx = llama_init_from_model(col->model, cparams);
     if (col->ctx == nullptr) {
-        err = "cannot create a context for " + params.model_path;
+        err = { LLQX_STATUS_CORE, "cannot create a context for " + params.model_path };
         llqx_imatrix_free(col);
         return nullptr;
     }
@@ -330,29 +323,8 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, s
 }
 
 bool llqx_imatrix_tokenize(llqx_imatrix_collector * col, const std::string & text, bool parse_special,
-                           std::vector<int32_t> & tokens, std::string & err) {
-    const llama_vocab * vocab = llama_model_get_vocab(col->model);
-    if (text.size() > (size_t) std::numeric_limits<int32_t>::max() / 2) {
-        err = "text too large to tokenize";
-        return false;
-    }
-    std::vector<llama_token> out(text.size() + 2);
-    int32_t n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), true, parse_special);
-    if (n == std::numeric_limits<int32_t>::min()) {
-        err = "tokenization failed: too many tokens";
-        return false;
-    }
-    if (n < 0) {
-        out.resize(-n);
-        n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), true, parse_special);
-        if (n < 0) {
-            err = "tokenization failed";
-            return false;
-        }
-    }
-    out.resize(n);
-    tokens.assign(out.begin(), out.end());
-    return true;
+                           std::vector<int32_t> & tokens, llqx_error & err) {
+    return llqx_vocab_tokenize(llama_model_get_vocab(col->model), text, true, parse_special, tokens, err);
 }
 
 int32_t llqx_imatrix_n_vocab(const llqx_imatrix_collector * col) {
@@ -409,14 +381,15 @@ static void imatrix_nll(int32_t n_vocab, const float * logits, const llama_token
 
 bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> & tokens_in, int32_t n_chunk,
                       llqx_imatrix_progress_cb progress, void * user_data,
-                      llqx_imatrix_run_result & result, std::string & err) {
+                      llqx_imatrix_run_result & result, llqx_error & err) {
     result = llqx_imatrix_run_result();
     col->cancel.store(false);
     col->t_collect_s = 0.0;
 
     const int32_t n_ctx = col->params.n_ctx;
     if (n_chunk <= 0 || (int64_t) n_chunk * n_ctx > (int64_t) tokens_in.size()) {
-        err = "not enough tokens for " + std::to_string(n_chunk) + " chunks of " + std::to_string(n_ctx) + " tokens";
+        err = { LLQX_STATUS_INPUT,
+                "not enough tokens for " + std::to_string(n_chunk) + " chunks of " + std::to_string(n_ctx) + " tokens" };
         return false;
     }
 
@@ -432,7 +405,7 @@ bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> &
     std::vector<llama_token> tokens(tokens_in.begin(), tokens_in.end());
     for (llama_token t : tokens) {
         if (t < 0 || t >= n_vocab) {
-            err = "token id " + std::to_string(t) + " is outside the vocabulary";
+            err = { LLQX_STATUS_INPUT, "token id " + std::to_string(t) + " is outside the vocabulary" };
             return false;
         }
     }
@@ -476,12 +449,12 @@ bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> &
 
             const int32_t ret = llama_decode(col->ctx, batch);
             if (col->failed.load()) {
-                err = col->fail_msg;
+                err = { LLQX_STATUS_CORE, col->fail_msg };
                 ok = false;
                 break;
             }
             if (ret != 0) {
-                err = "llama_decode failed with status " + std::to_string(ret);
+                err = { LLQX_STATUS_CORE, "llama_decode failed with status " + std::to_string(ret) };
                 ok = false;
                 break;
             }

@@ -2,6 +2,8 @@
 // collected through llama.cpp's graph eval callback while running chunks like llama-imatrix
 #pragma once
 
+#include "llqx_error.h"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -53,12 +55,12 @@ struct llqx_imatrix_run_result {
 struct llqx_imatrix_collector;
 
 // loads the model and makes a context sized like llama-imatrix's; nullptr with err set on failure
-llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, std::string & err);
+llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, llqx_error & err);
 void                     llqx_imatrix_free(llqx_imatrix_collector * col);
 
 // tokens of text with the model's special tokens added (BOS), like llama-imatrix
 bool llqx_imatrix_tokenize(llqx_imatrix_collector * col, const std::string & text, bool parse_special,
-                           std::vector<int32_t> & tokens, std::string & err);
+                           std::vector<int32_t> & tokens, llqx_error & err);
 
 int32_t llqx_imatrix_n_vocab(const llqx_imatrix_collector * col);
 // the chunk size actually used (params.n_ctx) and the sequences evaluated together
@@ -70,7 +72,7 @@ int32_t llqx_imatrix_n_seq(const llqx_imatrix_collector * col);
 // failed decode, too few tokens)
 bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> & tokens, int32_t n_chunk,
                       llqx_imatrix_progress_cb progress, void * user_data,
-                      llqx_imatrix_run_result & result, std::string & err);
+                      llqx_imatrix_run_result & result, llqx_error & err);
 
 // asynchronous stop request (any thread): the run ends after the current group of chunks
 void llqx_imatrix_cancel(llqx_imatrix_collector * col);

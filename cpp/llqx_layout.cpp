@@ -4,12 +4,12 @@
 #include "gguf.h"
 
 int64_t llqx_layout_meta_size(const std::string & path, const std::vector<llqx_kv_override> & kv_overrides,
-                              int32_t ftype, std::string & err) {
+                              int32_t ftype, llqx_error & err) {
     ggml_context * ctx_data = nullptr;
     gguf_init_params params = { /*no_alloc =*/ true, /*ctx =*/ &ctx_data };
     gguf_context * ctx_in = gguf_init_from_file(path.c_str(), params);
     if (ctx_in == nullptr) {
-        err = "cannot read GGUF " + path;
+        err = { LLQX_STATUS_LOAD, "cannot read GGUF " + path };
         return -1;
     }
     // what llama_model_quantize does to the metadata (llama-quant.cpp)
@@ -37,7 +37,7 @@ int64_t llqx_layout_meta_size(const std::string & path, const std::vector<llqx_k
     for (int64_t i = 0; i < n_tensors; ++i) {
         const ggml_tensor * t = ggml_get_tensor(ctx_data, gguf_get_tensor_name(ctx_in, i));
         if (t == nullptr) {
-            err = std::string("tensor missing from ") + path;
+            err = { LLQX_STATUS_LOAD, "tensor missing from " + path };
             gguf_free(ctx_out);
             gguf_free(ctx_in);
             ggml_free(ctx_data);

@@ -1,6 +1,7 @@
 // layout of the file llama_model_quantize writes: its metadata size, computed with gguf's own writer
 #pragma once
 
+#include "llqx_error.h"
 #include "llqx_quantize.h"
 
 #include <cstdint>
@@ -10,4 +11,4 @@
 // bytes of the metadata (header, key/values, tensor infos, padding) that llama_model_quantize writes for
 // the model at path with the given metadata overrides; tensor types do not change it. -1 with err set.
 int64_t llqx_layout_meta_size(const std::string & path, const std::vector<llqx_kv_override> & kv_overrides,
-                              int32_t ftype, std::string & err);
+                              int32_t ftype, llqx_error & err);

@@ -80,10 +80,11 @@ static void kv_read(const gguf_context * ctx, int64_t id, llqx_kv_record & kv) {
     }
 }
 
-bool llqx_model_inspect(const std::string & path, llqx_model_info & info, std::string & err) {
+bool llqx_model_inspect(const std::string & path, llqx_model_info & info, llqx_error & err) {
     std::error_code ec;
     if (!std::filesystem::is_regular_file(path, ec)) {
-        err = std::filesystem::exists(path, ec) ? "not a regular file: " + path : "no such file: " + path;
+        err = { LLQX_STATUS_LOAD,
+                std::filesystem::exists(path, ec) ? "not a regular file: " + path : "no such file: " + path };
         return false;
     }
     info.file_size = std::filesystem::file_size(path, ec);
@@ -93,18 +94,18 @@ bool llqx_model_inspect(const std::string & path, llqx_model_info & info, std::s
         const size_t n = std::fread(magic, 1, sizeof(magic), f);
         std::fclose(f);
         if (n != sizeof(magic) || std::memcmp(magic, "GGUF", 4) != 0) {
-            err = "not a GGUF file: " + path;
+            err = { LLQX_STATUS_LOAD, "not a GGUF file: " + path };
             return false;
         }
     } else {
-        err = "cannot open " + path + ": " + std::strerror(errno);
+        err = { LLQX_STATUS_LOAD, "cannot open " + path + ": " + std::strerror(errno) };
         return false;
     }
 
     gguf_init_params params = { /*no_alloc =*/ true, /*ctx =*/ nullptr };
     gguf_context * ctx = gguf_init_from_file(path.c_str(), params);
     if (ctx == nullptr) {
-        err = "corrupt or truncated GGUF file: " + path;
+        err = { LLQX_STATUS_LOAD, "corrupt or truncated GGUF file: " + path };
         return false;
     }
 
@@ -136,7 +137,7 @@ bool llqx_model_inspect(const std::string & path, llqx_model_info & info, std::s
             }
         }
         if (t.offset + t.size > info.file_size) {
-            err = "truncated GGUF file: tensor " + t.name + " ends past the end of " + path;
+            err = { LLQX_STATUS_LOAD, "truncated GGUF file: tensor " + t.name + " ends past the end of " + path };
             gguf_free(ctx);
             return false;
         }

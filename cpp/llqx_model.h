@@ -1,6 +1,8 @@
 // GGUF model inspection: tensors and metadata, read without loading tensor data
 #pragma once
 
+#include "llqx_error.h"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -49,4 +51,4 @@ struct llqx_model_info {
 };
 
 // false with err set when the file is missing, not a GGUF, truncated or inconsistent
-bool llqx_model_inspect(const std::string & path, llqx_model_info & info, std::string & err);
+bool llqx_model_inspect(const std::string & path, llqx_model_info & info, llqx_error & err);

@@ -1,19 +1,21 @@
 #include "llqx_quantize.h"
 
+#include "llqx_llama.h"
+
 #include "ggml.h"
 #include "llama.h"
 
 #include <cstring>
 #include <exception>
 
-bool llqx_model_quantize(const llqx_quantize_request & req, std::string & err) {
+bool llqx_model_quantize(const llqx_quantize_request & req, llqx_error & err) {
     if (req.output_tensor_type >= GGML_TYPE_COUNT || req.token_embedding_type >= GGML_TYPE_COUNT) {
-        err = "invalid tensor type id";
+        err = { LLQX_STATUS_INPUT, "invalid tensor type id" };
         return false;
     }
     for (const auto & kv : req.kv_overrides) {
         if (kv.key.size() >= 128) {
-            err = "metadata key too long: " + kv.key;
+            err = { LLQX_STATUS_INPUT, "metadata key too long: " + kv.key };
             return false;
         }
     }
@@ -60,7 +62,7 @@ bool llqx_model_quantize(const llqx_quantize_request & req, std::string & err) {
                     std::strncpy(o.val_str, kv.val_str.c_str(), sizeof(o.val_str) - 1);
                     break;
                 default:
-                    err = "invalid metadata override type for " + kv.key;
+                    err = { LLQX_STATUS_INPUT, "invalid metadata override type for " + kv.key };
                     return false;
             }
             kv_overrides.push_back(o);
@@ -87,16 +89,16 @@ bool llqx_model_quantize(const llqx_quantize_request & req, std::string & err) {
         params.prune_layers = prune_layers.data();
     }
 
-    llama_backend_init();
+    llqx_backend_init();
     uint32_t rc = 1;
     try {
         rc = llama_model_quantize(req.input.c_str(), req.output.c_str(), &params);
     } catch (const std::exception & e) {
-        err = e.what();
+        err = { LLQX_STATUS_CORE, e.what() };
         return false;
     }
     if (rc != 0) {
-        err = "llama.cpp failed to quantize " + req.input;
+        err = { LLQX_STATUS_CORE, "llama.cpp failed to quantize " + req.input };
         return false;
     }
     return true;

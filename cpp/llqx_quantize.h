@@ -1,6 +1,8 @@
 // llama_model_quantize with every field of llama_model_quantize_params, in owning containers
 #pragma once
 
+#include "llqx_error.h"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -52,5 +54,5 @@ struct llqx_quantize_request {
 };
 
 // false with err set when llama.cpp refuses or fails; never throws
-bool llqx_model_quantize(const llqx_quantize_request & req, std::string & err);
+bool llqx_model_quantize(const llqx_quantize_request & req, llqx_error & err);
 

@@ -163,7 +163,7 @@ struct mapped_file {
 int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_job> & jobs,
                        const llqx_score_params & params, std::vector<std::vector<double>> & errors,
                        llqx_score_done_t done, void * user_data, const std::atomic<bool> * cancel,
-                       std::string & err) {
+                       llqx_error & err) {
     errors.assign(jobs.size(), {});
 
     // validate everything before any work starts
@@ -173,39 +173,41 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
     for (const auto & j : jobs) {
         const int64_t ne0 = j.ne[0];
         if (ne0 <= 0 || j.ne[1] <= 0 || j.ne[2] <= 0) {
-            err = "invalid shape for " + j.name;
+            err = { LLQX_STATUS_INPUT, "invalid shape for " + j.name };
             return -1;
         }
         if (j.src_type < 0 || j.src_type >= GGML_TYPE_COUNT) {
-            err = "invalid source type for " + j.name;
+            err = { LLQX_STATUS_INPUT, "invalid source type for " + j.name };
             return -1;
         }
         const ggml_type_traits * st = ggml_get_type_traits((ggml_type) j.src_type);
         if (j.src_type != GGML_TYPE_F32 && st->to_float == nullptr) {
-            err = std::string("cannot read ") + j.name + " of type " + ggml_type_name((ggml_type) j.src_type);
+            err = { LLQX_STATUS_INPUT,
+                    std::string("cannot read ") + j.name + " of type " + ggml_type_name((ggml_type) j.src_type) };
             return -1;
         }
         if (ne0 % ggml_blck_size((ggml_type) j.src_type) != 0) {
-            err = "row length does not fit the source type of " + j.name;
+            err = { LLQX_STATUS_INPUT, "row length does not fit the source type of " + j.name };
             return -1;
         }
         const size_t nw = (size_t) (j.ne[0] * j.ne[2]);
         if ((!j.weights.empty() && j.weights.size() != nw) || (!j.activations.empty() && j.activations.size() != nw)) {
-            err = "importance data of " + j.name + " does not match its shape";
+            err = { LLQX_STATUS_INPUT, "importance data of " + j.name + " does not match its shape" };
             return -1;
         }
         for (int32_t t : j.candidates) {
             if (t < 0 || t >= GGML_TYPE_COUNT || ggml_get_type_traits((ggml_type) t)->to_float == nullptr ||
                 ggml_blck_size((ggml_type) t) <= 0 || ne0 % ggml_blck_size((ggml_type) t) != 0) {
-                err = "candidate type " + std::to_string(t) + " cannot hold " + j.name;
+                err = { LLQX_STATUS_INPUT, "candidate type " + std::to_string(t) + " cannot hold " + j.name };
                 return -1;
             }
             if (!ggml_is_quantized((ggml_type) t) && t != GGML_TYPE_F16 && t != GGML_TYPE_BF16 && t != GGML_TYPE_F32) {
-                err = "candidate type " + std::to_string(t) + " cannot be quantized to";
+                err = { LLQX_STATUS_INPUT, "candidate type " + std::to_string(t) + " cannot be quantized to" };
                 return -1;
             }
             if (j.weights.empty() && ggml_quantize_requires_imatrix((ggml_type) t)) {
-                err = std::string("candidate ") + ggml_type_name((ggml_type) t) + " of " + j.name + " needs importance data";
+                err = { LLQX_STATUS_INPUT, std::string("candidate ") + ggml_type_name((ggml_type) t) + " of " + j.name +
+                        " needs importance data" };
                 return -1;
             }
             max_qrow = std::max(max_qrow, ggml_row_size((ggml_type) t, ne0));
@@ -216,13 +218,13 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
 
     const int fd = open(path.c_str(), O_RDONLY);
     if (fd < 0) {
-        err = "cannot open " + path + ": " + std::strerror(errno);
+        err = { LLQX_STATUS_LOAD, "cannot open " + path + ": " + std::strerror(errno) };
         return -1;
     }
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
         close(fd);
-        err = "cannot stat " + path;
+        err = { LLQX_STATUS_LOAD, "cannot stat " + path };
         return -1;
     }
     mapped_file mf;
@@ -230,7 +232,7 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
     mf.addr = mf.size > 0 ? mmap(nullptr, mf.size, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
     close(fd);
     if (mf.addr == MAP_FAILED) {
-        err = "cannot map " + path;
+        err = { LLQX_STATUS_LOAD, "cannot map " + path };
         return -1;
     }
     const uint8_t * base = (const uint8_t *) mf.addr;
@@ -246,7 +248,7 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         const auto & j = jobs[ji];
         const size_t src_row = ggml_row_size((ggml_type) j.src_type, j.ne[0]);
         if (j.offset + src_row * (uint64_t) (j.ne[1] * j.ne[2]) > mf.size) {
-            err = "tensor data of " + j.name + " lies beyond the end of " + path;
+            err = { LLQX_STATUS_LOAD, "tensor data of " + j.name + " lies beyond the end of " + path };
             return -1;
         }
         auto st = std::make_unique<score_tensor>();

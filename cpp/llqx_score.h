@@ -2,6 +2,8 @@
 // error of deterministically sampled rows (docs/method.md, scoring)
 #pragma once
 
+#include "llqx_error.h"
+
 #include <atomic>
 #include <cstdint>
 #include <string>
@@ -48,4 +50,4 @@ void llqx_score_pick_rows(const std::string & name, int32_t expert, const std::v
 int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_job> & jobs,
                        const llqx_score_params & params, std::vector<std::vector<double>> & errors,
                        llqx_score_done_t done, void * user_data, const std::atomic<bool> * cancel,
-                       std::string & err);
+                       llqx_error & err);

@@ -141,33 +141,35 @@ void llqx_quantize_free(void) {
 }
 
 int64_t llqx_quantize_rows(int32_t type, const float * src, void * dst, int64_t nrows, int64_t n_per_row,
-                           const float * imatrix, std::string & err) {
+                           const float * imatrix, llqx_error & err) {
     if (!type_is_live(type) || !type_can_quantize((ggml_type) type)) {
-        err = std::string("type ") + (type_is_live(type) ? ggml_type_name((ggml_type) type) : std::to_string(type)) +
-              " cannot be quantized to";
+        err = { LLQX_STATUS_INPUT, std::string("type ") +
+                (type_is_live(type) ? ggml_type_name((ggml_type) type) : std::to_string(type)) +
+                " cannot be quantized to" };
         return -1;
     }
     if (llqx_row_size(type, n_per_row) == 0) {
-        err = "row length " + std::to_string(n_per_row) + " is not a multiple of the block size " +
-              std::to_string(ggml_blck_size((ggml_type) type)) + " of " + ggml_type_name((ggml_type) type);
+        err = { LLQX_STATUS_INPUT, "row length " + std::to_string(n_per_row) + " is not a multiple of the block size " +
+                std::to_string(ggml_blck_size((ggml_type) type)) + " of " + ggml_type_name((ggml_type) type) };
         return -1;
     }
     if (imatrix == nullptr && ggml_quantize_requires_imatrix((ggml_type) type)) {
-        err = std::string("type ") + ggml_type_name((ggml_type) type) + " requires importance weights";
+        err = { LLQX_STATUS_INPUT,
+                std::string("type ") + ggml_type_name((ggml_type) type) + " requires importance weights" };
         return -1;
     }
     return (int64_t) ggml_quantize_chunk((ggml_type) type, src, dst, 0, nrows, n_per_row, imatrix);
 }
 
 bool llqx_dequantize_rows(int32_t type, const void * src, float * dst, int64_t nrows, int64_t n_per_row,
-                          std::string & err) {
+                          llqx_error & err) {
     if (!type_is_live(type)) {
-        err = "unknown type id " + std::to_string(type);
+        err = { LLQX_STATUS_INPUT, "unknown type id " + std::to_string(type) };
         return false;
     }
     if (llqx_row_size(type, n_per_row) == 0) {
-        err = "row length " + std::to_string(n_per_row) + " is not a multiple of the block size of " +
-              ggml_type_name((ggml_type) type);
+        err = { LLQX_STATUS_INPUT, "row length " + std::to_string(n_per_row) + " is not a multiple of the block size of " +
+                ggml_type_name((ggml_type) type) };
         return false;
     }
     const ggml_type_traits * traits = ggml_get_type_traits((ggml_type) type);
@@ -176,7 +178,7 @@ bool llqx_dequantize_rows(int32_t type, const void * src, float * dst, int64_t n
         return true;
     }
     if (traits->to_float == nullptr) {
-        err = std::string("type ") + traits->type_name + " cannot be dequantized";
+        err = { LLQX_STATUS_INPUT, std::string("type ") + traits->type_name + " cannot be dequantized" };
         return false;
     }
     traits->to_float(src, dst, nrows * n_per_row);

@@ -1,6 +1,8 @@
 // ggml type table and row quantization on top of ggml's public API
 #pragma once
 
+#include "llqx_error.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -38,8 +40,8 @@ void llqx_quantize_free(void);
 // quantize nrows rows of n_per_row floats into dst (llqx_row_size(type, n_per_row) * nrows bytes);
 // imatrix: n_per_row importance weights or nullptr. Returns bytes written, or -1 with err set.
 int64_t llqx_quantize_rows(int32_t type, const float * src, void * dst, int64_t nrows, int64_t n_per_row,
-                           const float * imatrix, std::string & err);
+                           const float * imatrix, llqx_error & err);
 
 // dequantize nrows rows into dst (nrows * n_per_row floats). false with err set on failure.
 bool llqx_dequantize_rows(int32_t type, const void * src, float * dst, int64_t nrows, int64_t n_per_row,
-                          std::string & err);
+                          llqx_error & err);

@@ -152,3 +152,31 @@ def test_file_type_parsing_as_upstream() -> None:
     assert file_type("99") is None
     assert file_type("Q9_9") is None
     assert file_type("") is None
+
+
+def test_core_errors_name_the_kind_of_failure(tmp_path: Path) -> None:
+    """One Python class per kind of failure, whichever core function meets it."""
+    for cls in (_core.LoadError, _core.InputError, _core.CoreError):
+        assert issubclass(cls, _core.Error)
+    assert issubclass(_core.InputError, ValueError)
+    assert issubclass(_core.CoreError, RuntimeError)
+    missing = str(tmp_path / "missing.gguf")
+    with pytest.raises(_core.LoadError, match="no such file"):
+        _core.model_inspect(missing)
+    with pytest.raises(_core.LoadError, match="cannot read GGUF"):
+        _core.layout_meta_size(missing, [])
+    with pytest.raises(_core.LoadError, match="cannot open"):
+        _core.score_run(missing, [])
+    with pytest.raises(_core.LoadError, match="failed to load model"):
+        _core.eval_tokenize(missing, "text")
+    p = _core.ImatrixParams()
+    p.model_path = missing
+    with pytest.raises(_core.LoadError, match="failed to load model"):
+        _core.ImatrixCollector(p)
+    p.n_ctx = 0
+    with pytest.raises(_core.InputError, match="context size"):
+        _core.ImatrixCollector(p)
+    with pytest.raises(_core.InputError, match="at least 4 tokens"):
+        _core.eval_base(missing, np.zeros(2, np.int32), 1, np.zeros(0, np.uint16), np.zeros(0, np.float32), 8, 2)
+    with pytest.raises(_core.InputError, match="unknown type id 4"):
+        _core.quantize_rows(4, _rows(0))

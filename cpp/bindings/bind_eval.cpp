@@ -2,52 +2,27 @@
 
 #include "llqx_eval.h"
 
-#include <memory>
-#include <stdexcept>
+#include <string>
 
 namespace {
 
-// a Python callable progress(done, total) -> bool|None called with the GIL held; an exception in it
-// stops the run and is raised again by the binding
-struct progress_bridge {
-    py::object callback;
-    std::unique_ptr<py::error_already_set> error;
-
-    static bool call(int32_t done, int32_t total, void * user_data) {
-        auto * self = static_cast<progress_bridge *>(user_data);
-        py::gil_scoped_acquire acquire;
-        try {
-            py::object r = self->callback(done, total);
-            return r.is_none() || r.cast<bool>();
-        } catch (py::error_already_set & e) {
-            self->error = std::make_unique<py::error_already_set>(std::move(e));
-            return false;
-        }
-    }
-
-    // after a run: the callback's own Python error first, else the run's error message
-    void raise_if_failed(bool ok, const std::string & err) {
-        if (error) {
-            py::error_already_set e = std::move(*error);
-            throw e;
-        }
-        if (!ok) {
-            throw std::runtime_error(err);
-        }
-    }
-};
+// progress(done, total) -> bool|None: False or an exception stops the run
+bool eval_progress(int32_t done, int32_t total, void * user_data) {
+    auto * cb = static_cast<py_callback *>(user_data);
+    return cb->call([&] { return cb->fn(done, total); });
+}
 
 // a caller-owned array (e.g. a numpy memmap) written in place: it must already have the right dtype,
 // layout and size, since a converted copy would silently drop the results
 template <typename T>
 T * out_buffer(py::array & a, int64_t n, const char * what) {
     if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style) || !a.writeable()) {
-        throw std::invalid_argument(std::string(what) + ": expected a writable C-contiguous array of " +
-                                    py::str(py::dtype::of<T>()).cast<std::string>());
+        error_raise({ LLQX_STATUS_INPUT, std::string(what) + ": expected a writable C-contiguous array of " +
+                                         py::str(py::dtype::of<T>()).cast<std::string>() });
     }
     if (a.size() != n) {
-        throw std::invalid_argument(std::string(what) + ": expected " + std::to_string(n) + " elements, got " +
-                                    std::to_string(a.size()));
+        error_raise({ LLQX_STATUS_INPUT, std::string(what) + ": expected " + std::to_string(n) + " elements, got " +
+                                         std::to_string(a.size()) });
     }
     return static_cast<T *>(a.mutable_data());
 }
@@ -55,12 +30,12 @@ T * out_buffer(py::array & a, int64_t n, const char * what) {
 template <typename T>
 const T * in_buffer(const py::array & a, int64_t n, const char * what) {
     if (!py::isinstance<py::array_t<T>>(a) || !(a.flags() & py::array::c_style)) {
-        throw std::invalid_argument(std::string(what) + ": expected a C-contiguous array of " +
-                                    py::str(py::dtype::of<T>()).cast<std::string>());
+        error_raise({ LLQX_STATUS_INPUT, std::string(what) + ": expected a C-contiguous array of " +
+                                         py::str(py::dtype::of<T>()).cast<std::string>() });
     }
     if (a.size() < n) {
-        throw std::invalid_argument(std::string(what) + ": expected at least " + std::to_string(n) +
-                                    " elements, got " + std::to_string(a.size()));
+        error_raise({ LLQX_STATUS_INPUT, std::string(what) + ": expected at least " + std::to_string(n) +
+                                         " elements, got " + std::to_string(a.size()) });
     }
     return static_cast<const T *>(a.data());
 }
@@ -77,14 +52,14 @@ llqx_eval_params make_params(int32_t n_ctx, int32_t n_threads, int32_t n_gpu_lay
 py::tuple eval_tokenize(const std::string & model_path, const std::string & text) {
     std::vector<int32_t> tokens;
     int32_t n_vocab = 0;
-    std::string err;
+    llqx_error err;
     bool ok = false;
     {
         py::gil_scoped_release release;
         ok = llqx_eval_tokenize(model_path, text, tokens, n_vocab, err);
     }
     if (!ok) {
-        throw std::runtime_error(err);
+        error_raise(err);
     }
     py::array_t<int32_t> out(tokens.size());
     std::copy(tokens.begin(), tokens.end(), out.mutable_data());
@@ -98,16 +73,19 @@ void eval_base(const std::string & model_path, const py::array & tokens, int32_t
     const int32_t * tok = in_buffer<int32_t>(tokens, int64_t(n_chunk)*n_ctx, "tokens");
     uint16_t * rows_p = out_buffer<uint16_t>(rows, n_tok*llqx_eval_row_size(n_vocab), "rows");
     float * nll_p = out_buffer<float>(nll, n_tok, "nll");
-    progress_bridge bridge{ progress, nullptr };
+    py_callback cb{ progress, nullptr };
     const llqx_eval_params p = make_params(n_ctx, n_threads, n_gpu_layers, repack);
-    std::string err;
+    llqx_error err;
     bool ok = false;
     {
         py::gil_scoped_release release;
         ok = llqx_eval_base(model_path, p, tok, n_chunk, rows_p, nll_p,
-                            progress.is_none() ? nullptr : progress_bridge::call, &bridge, err);
+                            progress.is_none() ? nullptr : eval_progress, &cb, err);
     }
-    bridge.raise_if_failed(ok, err);
+    cb.rethrow();
+    if (!ok) {
+        error_raise(err);
+    }
 }
 
 py::dict eval_compare(const std::string & model_path, const py::array & tokens, int32_t n_chunk,
@@ -120,16 +98,19 @@ py::dict eval_compare(const std::string & model_path, const py::array & tokens, 
     py::array_t<uint8_t> same_top(n_tok);
     llqx_eval_token_stats out{ nll.mutable_data(), nll_base.mutable_data(), kld.mutable_data(),
                                p_diff.mutable_data(), same_top.mutable_data() };
-    progress_bridge bridge{ progress, nullptr };
+    py_callback cb{ progress, nullptr };
     const llqx_eval_params p = make_params(n_ctx, n_threads, n_gpu_layers, repack);
-    std::string err;
+    llqx_error err;
     bool ok = false;
     {
         py::gil_scoped_release release;
         ok = llqx_eval_compare(model_path, p, tok, n_chunk, rows_p, n_vocab, out,
-                               progress.is_none() ? nullptr : progress_bridge::call, &bridge, err);
+                               progress.is_none() ? nullptr : eval_progress, &cb, err);
     }
-    bridge.raise_if_failed(ok, err);
+    cb.rethrow();
+    if (!ok) {
+        error_raise(err);
+    }
     py::dict d;
     d["nll"]      = nll;
     d["nll_base"] = nll_base;

@@ -2,9 +2,7 @@
 
 #include "llqx_imatrix.h"
 
-#include <cmath>
 #include <memory>
-#include <stdexcept>
 
 namespace {
 
@@ -15,20 +13,12 @@ struct imatrix_collector_handle {
     ~imatrix_collector_handle() { llqx_imatrix_free(col); }
 };
 
-struct progress_ctx {
-    py::object                             callback;
-    std::unique_ptr<py::error_already_set> error;
-};
-
 } // namespace
 
-static bool imatrix_progress_trampoline(const llqx_imatrix_progress & p, void * user_data) {
-    auto * pc = (progress_ctx *) user_data;
-    py::gil_scoped_acquire acquire;
-    if (pc->callback.is_none()) {
-        return true;
-    }
-    try {
+// progress(dict) -> bool|None after each group of chunks: False or an exception stops the run
+static bool imatrix_progress(const llqx_imatrix_progress & p, void * user_data) {
+    auto * cb = (py_callback *) user_data;
+    return cb->call([&] {
         py::dict d;
         d["chunks_done"] = p.n_chunk_done;
         d["chunks"]      = p.n_chunk;
@@ -36,12 +26,8 @@ static bool imatrix_progress_trampoline(const llqx_imatrix_progress & p, void * 
         d["tokens"]      = p.n_tokens;
         d["ppl"]         = p.ppl;
         d["elapsed_s"]   = p.t_elapsed_s;
-        py::object ret = pc->callback(d);
-        return ret.is_none() || ret.cast<bool>();
-    } catch (py::error_already_set & e) {
-        pc->error = std::make_unique<py::error_already_set>(std::move(e));
-        return false;
-    }
+        return cb->fn(d);
+    });
 }
 
 static py::dict imatrix_entries_dict(const llqx_imatrix_collector * col) {
@@ -77,29 +63,30 @@ void bind_imatrix(py::module_ & m) {
 
     py::class_<imatrix_collector_handle, std::shared_ptr<imatrix_collector_handle>>(m, "ImatrixCollector")
         .def(py::init([](const llqx_imatrix_params & params) {
-            std::string err;
+            llqx_error err;
             llqx_imatrix_collector * col = nullptr;
             {
                 py::gil_scoped_release release;
                 col = llqx_imatrix_init(params, err);
             }
             if (col == nullptr) {
-                throw std::invalid_argument(err);
+                error_raise(err);
             }
             auto h = std::make_shared<imatrix_collector_handle>();
             h->col = col;
             return h;
-        }), py::arg("params"), "load the model and make a context like llama-imatrix's; ValueError on failure")
+        }), py::arg("params"),
+           "load the model and make a context like llama-imatrix's; LoadError, InputError or CoreError on failure")
         .def("tokenize", [](imatrix_collector_handle & h, const std::string & text, bool parse_special) {
             std::vector<int32_t> tokens;
-            std::string err;
+            llqx_error err;
             bool ok = false;
             {
                 py::gil_scoped_release release;
                 ok = llqx_imatrix_tokenize(h.col, text, parse_special, tokens, err);
             }
             if (!ok) {
-                throw std::invalid_argument(err);
+                error_raise(err);
             }
             py::array_t<int32_t> out((py::ssize_t) tokens.size());
             std::copy(tokens.begin(), tokens.end(), out.mutable_data());
@@ -112,20 +99,18 @@ void bind_imatrix(py::module_ & m) {
         .def("run", [](imatrix_collector_handle & h, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
                        int32_t n_chunk, py::object progress) {
             std::vector<int32_t> tok(tokens.data(), tokens.data() + tokens.size());
-            progress_ctx pc;
-            pc.callback = std::move(progress);
+            py_callback cb{ progress, nullptr };
             llqx_imatrix_run_result res;
-            std::string err;
+            llqx_error err;
             bool ok = false;
             {
                 py::gil_scoped_release release;
-                ok = llqx_imatrix_run(h.col, tok, n_chunk, imatrix_progress_trampoline, &pc, res, err);
+                ok = llqx_imatrix_run(h.col, tok, n_chunk, progress.is_none() ? nullptr : imatrix_progress, &cb, res,
+                                      err);
             }
-            if (pc.error) {
-                throw std::move(*pc.error);
-            }
+            cb.rethrow();
             if (!ok) {
-                throw std::runtime_error(err);
+                error_raise(err);
             }
             py::dict d;
             d["chunks_done"] = res.n_chunk_done;
@@ -138,7 +123,7 @@ void bind_imatrix(py::module_ & m) {
             return d;
         }, py::arg("tokens"), py::arg("n_chunk"), py::arg("progress") = py::none(),
            "evaluate n_chunk chunks (GIL released); progress(dict) after each group of chunks may return False "
-           "to stop; RuntimeError on failure (e.g. non-finite activations)")
+           "to stop; InputError or CoreError (e.g. non-finite activations) on failure")
         .def("cancel", [](imatrix_collector_handle & h) { llqx_imatrix_cancel(h.col); },
              "ask a running run() to stop after the current group of chunks (callable from any thread)")
         .def("entries", [](const imatrix_collector_handle & h) { return imatrix_entries_dict(h.col); },

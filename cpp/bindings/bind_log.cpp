@@ -15,11 +15,14 @@ static void log_sink(int32_t level, const char * text, void * /*user_data*/) {
     if (!g_log_callback) {
         return;
     }
-    try {
-        (*g_log_callback)(level, text);
-    } catch (py::error_already_set & e) {
-        e.discard_as_unraisable(__func__);
-    }
+    // a copy, so that the callback may replace itself through log_set; nobody waits on the log, so an
+    // exception in it is reported (sys.unraisablehook) and the next line is logged again
+    py_callback cb{ *g_log_callback, nullptr };
+    cb.call([&] {
+        cb.fn(level, text);
+        return py::none();
+    });
+    cb.discard(__func__);
 }
 
 void bind_log(py::module_ & m) {

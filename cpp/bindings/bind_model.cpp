@@ -2,8 +2,6 @@
 
 #include "llqx_model.h"
 
-#include <stdexcept>
-
 static py::object kv_value(const llqx_kv_record & kv) {
     switch (kv.kind) {
         case LLQX_KV_INT:          return py::int_(kv.i);
@@ -26,14 +24,14 @@ static py::object kv_value(const llqx_kv_record & kv) {
 
 static py::dict model_inspect(const std::string & path) {
     llqx_model_info info;
-    std::string err;
+    llqx_error err;
     bool ok = false;
     {
         py::gil_scoped_release release;
         ok = llqx_model_inspect(path, info, err);
     }
     if (!ok) {
-        throw std::invalid_argument(err);
+        error_raise(err);
     }
     py::list tensors;
     for (const auto & t : info.tensors) {
@@ -64,5 +62,5 @@ static py::dict model_inspect(const std::string & path) {
 void bind_model(py::module_ & m) {
     m.def("model_inspect", &model_inspect, py::arg("path"),
           "tensors (name, type, shape as ne[0..3], n_dims, offset, size) and metadata (key, gguf type, "
-          "array element type or -1, value) of a GGUF file; raises ValueError for a bad file");
+          "array element type or -1, value) of a GGUF file; raises LoadError for a bad file");
 }

@@ -2,18 +2,16 @@
 
 #include "llqx_quantize.h"
 
-#include <stdexcept>
-
 // request fields mirror llama_model_quantize_params; containers are owned here, not by Python
 static void model_quantize(const llqx_quantize_request & req) {
-    std::string err;
+    llqx_error err;
     bool ok = false;
     {
         py::gil_scoped_release release;
         ok = llqx_model_quantize(req, err);
     }
     if (!ok) {
-        throw std::runtime_error(err);
+        error_raise(err);
     }
 }
 
@@ -68,5 +66,5 @@ void bind_quantize(py::module_ & m) {
         });
 
     m.def("model_quantize", &model_quantize, py::arg("request"),
-          "run llama_model_quantize; raises RuntimeError when llama.cpp fails");
+          "run llama_model_quantize; raises InputError for a bad request, CoreError when llama.cpp fails");
 }

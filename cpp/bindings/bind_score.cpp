@@ -3,9 +3,7 @@
 #include "llqx_score.h"
 
 #include <atomic>
-#include <exception>
 #include <memory>
-#include <stdexcept>
 #include <string>
 
 namespace {
@@ -15,30 +13,16 @@ struct score_cancel {
     std::atomic<bool> flag { false };
 };
 
-struct done_context {
-    py::object callback;
-    bool               raised = false;
-    std::exception_ptr error;
-};
-
 } // namespace
 
+// callback(job, errors, n_rows) -> bool|None as each job finishes: False or an exception stops the run
 static bool score_done(int32_t job, const double * errors, int32_t n_errors, int64_t n_rows, void * user_data) {
-    auto * ctx = (done_context *) user_data;
-    py::gil_scoped_acquire acquire;
-    if (ctx->raised) {
-        return false;
-    }
-    try {
+    auto * cb = (py_callback *) user_data;
+    return cb->call([&] {
         py::array_t<double> arr(n_errors);
         std::copy(errors, errors + n_errors, arr.mutable_data());
-        py::object keep = ctx->callback(job, arr, n_rows);
-        return keep.is_none() || keep.cast<bool>();
-    } catch (...) {
-        ctx->raised = true;
-        ctx->error  = std::current_exception();
-        return false;
-    }
+        return cb->fn(job, arr, n_rows);
+    });
 }
 
 static std::vector<float> float_vector(py::object obj, const char * what, const std::string & name) {
@@ -47,7 +31,7 @@ static std::vector<float> float_vector(py::object obj, const char * what, const 
     }
     auto arr = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(obj);
     if (!arr) {
-        throw std::invalid_argument(std::string(what) + " of " + name + " must be a float array");
+        error_raise({ LLQX_STATUS_INPUT, std::string(what) + " of " + name + " must be a float array" });
     }
     return std::vector<float>(arr.data(), arr.data() + arr.size());
 }
@@ -63,7 +47,7 @@ static py::object score_run(const std::string & path, py::list jobs_in, int32_t 
         j.src_type = d["src_type"].cast<int32_t>();
         auto ne    = d["ne"].cast<std::vector<int64_t>>();
         if (ne.size() != 3) {
-            throw std::invalid_argument("ne of " + j.name + " must have 3 entries");
+            error_raise({ LLQX_STATUS_INPUT, "ne of " + j.name + " must have 3 entries" });
         }
         j.ne[0] = ne[0];
         j.ne[1] = ne[1];
@@ -80,21 +64,18 @@ static py::object score_run(const std::string & path, py::list jobs_in, int32_t 
     params.sample_elements = sample_elements;
     params.min_rows        = min_rows;
 
-    done_context ctx;
-    ctx.callback = callback;
+    py_callback cb{ callback, nullptr };
     std::vector<std::vector<double>> errors;
-    std::string err;
+    llqx_error err;
     int32_t rc = -1;
     {
         py::gil_scoped_release release;
-        rc = llqx_score_run(path, jobs, params, errors, callback.is_none() ? nullptr : score_done, &ctx,
+        rc = llqx_score_run(path, jobs, params, errors, callback.is_none() ? nullptr : score_done, &cb,
                             cancel ? &cancel->flag : nullptr, err);
     }
-    if (ctx.raised) {
-        std::rethrow_exception(ctx.error);
-    }
+    cb.rethrow();
     if (rc < 0) {
-        throw std::invalid_argument(err);
+        error_raise(err);
     }
     py::list out;
     for (const auto & e : errors) {

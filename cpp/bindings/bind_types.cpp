@@ -2,7 +2,6 @@
 
 #include "llqx_types.h"
 
-#include <stdexcept>
 #include <string>
 
 static py::dict type_info_dict(const llqx_type_info & t) {
@@ -22,7 +21,7 @@ static py::dict type_info_dict(const llqx_type_info & t) {
 static py::array_t<uint8_t> quantize_rows(int32_t type, py::array_t<float, py::array::c_style | py::array::forcecast> src,
                                           py::object imatrix) {
     if (src.ndim() != 2) {
-        throw std::invalid_argument("quantize_rows: src must be a 2-D float32 array (rows, n_per_row)");
+        error_raise({ LLQX_STATUS_INPUT, "quantize_rows: src must be a 2-D float32 array (rows, n_per_row)" });
     }
     const int64_t nrows     = src.shape(0);
     const int64_t n_per_row = src.shape(1);
@@ -31,27 +30,27 @@ static py::array_t<uint8_t> quantize_rows(int32_t type, py::array_t<float, py::a
     if (!imatrix.is_none()) {
         weights = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(imatrix);
         if (!weights || weights.ndim() != 1 || weights.shape(0) != n_per_row) {
-            throw std::invalid_argument("quantize_rows: imatrix must be a 1-D array of n_per_row floats");
+            error_raise({ LLQX_STATUS_INPUT, "quantize_rows: imatrix must be a 1-D array of n_per_row floats" });
         }
         w = weights.data();
     }
     const size_t row_size = llqx_row_size(type, n_per_row);
     py::array_t<uint8_t> dst({ (py::ssize_t) nrows, (py::ssize_t) row_size });
-    std::string err;
+    llqx_error err;
     int64_t written = 0;
     {
         py::gil_scoped_release release;
         if (row_size == 0) {
             llqx_type_info info;
-            err = llqx_type_info_get(type, info) ? "row length " + std::to_string(n_per_row) +
-                  " is not a multiple of the block size of " + info.name : "unknown type id " + std::to_string(type);
+            err = { LLQX_STATUS_INPUT, llqx_type_info_get(type, info) ? "row length " + std::to_string(n_per_row) +
+                    " is not a multiple of the block size of " + info.name : "unknown type id " + std::to_string(type) };
             written = -1;
         } else {
             written = llqx_quantize_rows(type, src.data(), dst.mutable_data(), nrows, n_per_row, w, err);
         }
     }
     if (written < 0) {
-        throw std::invalid_argument(err);
+        error_raise(err);
     }
     return dst;
 }
@@ -59,22 +58,22 @@ static py::array_t<uint8_t> quantize_rows(int32_t type, py::array_t<float, py::a
 static py::array_t<float> dequantize_rows(int32_t type, py::array_t<uint8_t, py::array::c_style> src, int64_t n_per_row) {
     const size_t row_size = llqx_row_size(type, n_per_row);
     if (row_size == 0) {
-        throw std::invalid_argument("dequantize_rows: row length " + std::to_string(n_per_row) +
-                                    " does not fit the block size of type " + std::to_string(type));
+        error_raise({ LLQX_STATUS_INPUT, "dequantize_rows: row length " + std::to_string(n_per_row) +
+                                         " does not fit the block size of type " + std::to_string(type) });
     }
     if ((size_t) src.nbytes() % row_size != 0) {
-        throw std::invalid_argument("dequantize_rows: src size is not a whole number of rows");
+        error_raise({ LLQX_STATUS_INPUT, "dequantize_rows: src size is not a whole number of rows" });
     }
     const int64_t nrows = (int64_t) ((size_t) src.nbytes() / row_size);
     py::array_t<float> dst({ (py::ssize_t) nrows, (py::ssize_t) n_per_row });
-    std::string err;
+    llqx_error err;
     bool ok = false;
     {
         py::gil_scoped_release release;
         ok = llqx_dequantize_rows(type, src.data(), dst.mutable_data(), nrows, n_per_row, err);
     }
     if (!ok) {
-        throw std::invalid_argument(err);
+        error_raise(err);
     }
     return dst;
 }

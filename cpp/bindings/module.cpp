@@ -2,6 +2,7 @@
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "llqx C++ core on llama.cpp's public API";
+    bind_errors(m);
     bind_eval(m);
     bind_imatrix(m);
     bind_layout(m);

@@ -6,6 +6,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+# ---- errors (bind_errors.cpp): every core function raises these -------------------------------
+
+class Error(Exception): ...  # any failure the core reports
+class LoadError(Error): ...  # a model or file that cannot be read or loaded
+class InputError(Error, ValueError): ...  # bad arguments
+class CoreError(Error, RuntimeError): ...  # llama.cpp or ggml failed while running
+
 # ---- eval (bind_eval.cpp) --------------------------------------------------------------------
 
 def eval_row_size(n_vocab: int) -> int: ...

@@ -228,9 +228,9 @@ def _core_call(fn: Callable[..., object], *args: object, **kwargs: object) -> ob
     _log.recent_errors.clear()  # so that a failure names the reason llama.cpp logged for this call
     try:
         return fn(*args, **kwargs)
-    except (RuntimeError, ValueError) as exc:
+    except (_core.LoadError, RuntimeError, ValueError) as exc:
         msg = str(exc)
-        if msg.startswith("failed to load"):
+        if isinstance(exc, _core.LoadError):
             cause = _log.last_error("")
             msg = f"{msg}: {cause}" if cause else msg
         raise LlqxError(msg) from None

@@ -98,7 +98,7 @@ class ImatrixCollector:
         _log.recent_errors.clear()
         try:
             self._core = _core.ImatrixCollector(p)
-        except ValueError as exc:
+        except _core.Error as exc:
             cause = _log.last_error("")
             raise LlqxError(f"{exc}{': ' + cause if cause else ''}") from None
         self.n_ctx = n_ctx
@@ -149,7 +149,7 @@ class ImatrixCollector:
         try:
             r, interrupted = run_in_worker(lambda: self._core.run(tokens, n_chunk, on_progress), name="llqx-imatrix",
                                            cancel=self._core.cancel)
-        except RuntimeError as exc:
+        except _core.Error as exc:
             raise LlqxError(str(exc)) from None
         if interrupted and not stop_on_interrupt:
             raise KeyboardInterrupt

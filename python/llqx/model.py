@@ -93,7 +93,7 @@ def inspect(path: str | os.PathLike[str]) -> ModelInfo:
     try:
         with _log.muted():  # the exception names the problem; gguf's own log line would repeat it
             raw = _core.model_inspect(os.fspath(path))
-    except ValueError as exc:
+    except _core.LoadError as exc:
         raise LlqxError(str(exc)) from None
     tensors = [
         TensorInfo(t["name"], t["type"], tuple(t["shape"][: t["n_dims"]]), t["offset"], t["size"])

@@ -109,7 +109,7 @@ def run_model_quantize(request: _core.QuantizeRequest) -> None:
     _log.recent_errors.clear()
     try:
         run_in_worker(lambda: _core.model_quantize(request), name="llqx-quantize")
-    except (RuntimeError, ValueError) as exc:
+    except _core.Error as exc:
         raise LlqxError(_log.last_error(str(exc) or "llama.cpp failed to quantize")) from None
 
 

@@ -278,7 +278,7 @@ def _run_scoring(
 
     try:
         _, interrupted = run_in_worker(run, name="llqx-score", cancel=cancel.set)
-    except (RuntimeError, ValueError) as exc:
+    except _core.Error as exc:
         raise LlqxError(f"scoring failed: {exc}") from exc
     finally:
         if bar is not None:
