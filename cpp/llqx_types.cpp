@@ -42,8 +42,12 @@ static bool type_can_quantize(ggml_type type) {
     }
 }
 
-// mirrors tensor_requires_imatrix in llama-quant.cpp (Q2_K only needs one inside a Q2_K_S file)
-static bool type_requires_imatrix(ggml_type type) {
+// tensor_requires_imatrix in llama-quant.cpp, whose Q2_K case (only inside a Q2_K_S file) is left out
+static bool tensor_requires_imatrix(const std::string & name, ggml_type type) {
+    // tensor_name_match_token_embd, tensor_name_match_output_weight
+    if (name == "token_embd.weight" || name == "per_layer_token_embd.weight" || name == "output.weight") {
+        return false;
+    }
     switch (type) {
         case GGML_TYPE_IQ3_XXS:
         case GGML_TYPE_IQ2_XXS:
@@ -98,9 +102,17 @@ bool llqx_type_info_get(int32_t id, llqx_type_info & info) {
     info.bpw              = 8.0 * (double) traits->type_size / (double) traits->blck_size;
     info.is_quantized     = traits->is_quantized;
     info.can_quantize     = type_can_quantize(type);
-    info.requires_imatrix = type_requires_imatrix(type);
+    info.requires_imatrix = llqx_tensor_requires_imatrix("", id); // "": neither token_embd nor output
     info.has_grid         = type_has_grid(type);
     return true;
+}
+
+bool llqx_tensor_requires_imatrix(const std::string & name, int32_t type) {
+    if (!type_is_live(type)) {
+        return false;
+    }
+    // llama.cpp's writer refuses the tensor, or ggml_quantize_chunk asserts, whatever the tensor
+    return tensor_requires_imatrix(name, (ggml_type) type) || ggml_quantize_requires_imatrix((ggml_type) type);
 }
 
 int32_t llqx_type_from_name(const std::string & name) {

@@ -15,7 +15,7 @@ struct llqx_type_info {
     double      bpw;              // bits per weight
     bool        is_quantized;
     bool        can_quantize;     // ggml_quantize_chunk can produce it from F32 rows
-    bool        requires_imatrix; // llama.cpp's writer refuses it without an imatrix (outside token_embd/output)
+    bool        requires_imatrix; // llqx_tensor_requires_imatrix for a tensor other than token_embd/output
     bool        has_grid;         // ggml_quantize_init builds a lookup grid for it (megabytes, seconds)
 };
 
@@ -23,6 +23,12 @@ int32_t llqx_type_count(void);
 
 // false when id is not a live ggml type (removed ids have no traits)
 bool llqx_type_info_get(int32_t id, llqx_type_info & info);
+
+// llama.cpp cannot write tensor `name` as `type` without importance data: its writer refuses
+// (tensor_requires_imatrix in llama-quant.cpp: IQ1_S/M, IQ2_XXS/XS/S, IQ3_XXS, but never token_embd,
+// per_layer_token_embd or output) or ggml aborts (ggml_quantize_requires_imatrix: IQ2_XXS, IQ2_XS, IQ1_S,
+// for every tensor). Leaves out llama.cpp's Q2_K case (only inside a Q2_K_S file); false for unknown types.
+bool llqx_tensor_requires_imatrix(const std::string & name, int32_t type);
 
 // -1 when the name is unknown; case-insensitive, as llama-quantize parses it
 int32_t llqx_type_from_name(const std::string & name);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -180,3 +181,51 @@ def test_core_errors_name_the_kind_of_failure(tmp_path: Path) -> None:
         _core.eval_base(missing, np.zeros(2, np.int32), 1, np.zeros(0, np.uint16), np.zeros(0, np.float32), 8, 2)
     with pytest.raises(_core.InputError, match="unknown type id 4"):
         _core.quantize_rows(4, _rows(0))
+
+
+# llama.cpp's rule for when a tensor cannot be written without importance data, as its sources state it
+# (test_requires_imatrix_rule_is_llama_cpps checks these three sets against them)
+_WRITER_REFUSES = {"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"}  # tensor_requires_imatrix
+_WRITER_EXEMPT = {"token_embd.weight", "per_layer_token_embd.weight", "output.weight"}  # ... but never these
+_GGML_ASSERTS = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}  # ggml_quantize_requires_imatrix: ggml_quantize_chunk asserts
+
+
+@pytest.mark.parametrize(
+    "name", ["token_embd.weight", "output.weight", "per_layer_token_embd.weight", "blk.0.attn_q.weight"]
+)
+def test_tensor_requires_imatrix(name: str) -> None:
+    live = ggml_types()
+    for type_id in range(_core.type_count()):
+        t = live.get(type_id)
+        want = t is not None and (
+            t.name.upper() in _GGML_ASSERTS or (name not in _WRITER_EXEMPT and t.name.upper() in _WRITER_REFUSES)
+        )
+        assert _core.tensor_requires_imatrix(name, type_id) is want, (name, type_id)
+        if t is not None and name == "blk.0.attn_q.weight":
+            assert t.requires_imatrix is want, t.name  # the type table's flag: any tensor but the exempt ones
+
+
+def test_requires_imatrix_rule_is_llama_cpps() -> None:
+    src = Path(
+        os.environ.get("LLQX_LLAMA_CPP_DIR") or Path(__file__).resolve().parents[1] / "third_party" / "llama.cpp"
+    )
+    if not (src / "src" / "llama-quant.cpp").is_file():
+        pytest.skip(f"no llama.cpp source tree at {src}")
+
+    def body(text: str, head: str) -> str:
+        start = text.index(head)
+        return text[start : text.index("\n}\n", start)]
+
+    quant = (src / "src" / "llama-quant.cpp").read_text(encoding="utf-8")
+    rule = body(quant, "static bool tensor_requires_imatrix(")
+    assert set(re.findall(r"case GGML_TYPE_(\w+):", rule[: rule.index("return true;")])) == _WRITER_REFUSES
+    assert "case GGML_TYPE_Q2_K:" in rule  # the one case left out: Q2_K only inside a Q2_K_S file
+    assert "LLAMA_FTYPE_MOSTLY_Q2_K_S" in rule
+    assert "tensor_name_match_token_embd(tensor_name) || tensor_name_match_output_weight(tensor_name)" in rule
+    exempt = body(quant, "static bool tensor_name_match_token_embd(") + body(
+        quant, "static bool tensor_name_match_output_weight("
+    )
+    assert set(re.findall(r'strcmp\(tensor_name, "([^"]+)"\)', exempt)) == _WRITER_EXEMPT
+    ggml = (src / "ggml" / "src" / "ggml.c").read_text(encoding="utf-8")
+    asserts = body(ggml, "bool ggml_quantize_requires_imatrix(")
+    assert set(re.findall(r"type == GGML_TYPE_(\w+)", asserts[: asserts.index(";")])) == _GGML_ASSERTS

@@ -87,6 +87,9 @@ void bind_types(py::module_ & m) {
         }
         return type_info_dict(info);
     }, py::arg("type"), "ggml type record as a dict, or None for a retired or unknown id");
+    m.def("tensor_requires_imatrix", &llqx_tensor_requires_imatrix, py::arg("name"), py::arg("type_id"),
+          "llama.cpp cannot write tensor name as this type without importance data (tensor_requires_imatrix in "
+          "llama-quant.cpp, or ggml_quantize_requires_imatrix); False for an unknown type");
     m.def("type_from_name", &llqx_type_from_name, py::arg("name"), "ggml type id by name (case-insensitive), -1 if unknown");
     m.def("row_size", &llqx_row_size, py::arg("type"), py::arg("n_per_row"),
           "bytes of one row, 0 when n_per_row does not fit the block size");
