@@ -26,7 +26,7 @@ from .errors import LlqxError
 from .llama_rules import fallback_type, needs_imatrix, tensor_nbytes
 from .model import ModelInfo, TensorInfo
 from .plan import BudgetUse, Plan, layer_of, padded
-from .request import BudgetSpec, budget_spec, parse_tie, parse_type_bound
+from .request import BudgetSpec, budget_spec, parse_budget, parse_tie, parse_type_bound
 from .types import ggml_type
 
 # bytes a budget may leave unspent rather than buy with a worse error: a fraction of the tolerance it is
@@ -47,15 +47,17 @@ class Constraints:
     @classmethod
     def of(
         cls,
-        budgets: Mapping[str, int | str] | Iterable[BudgetSpec] = (),
+        budgets: Mapping[str, int | str] | Iterable[BudgetSpec | str] = (),
         ties: Iterable[str] = (),
         min_types: Iterable[tuple[str, str | int] | str] = (),
         max_types: Iterable[tuple[str, str | int] | str] = (),
     ) -> Constraints:
-        """From the API's forms: budgets as {regex: bytes | 'SIZE' | 'Xbpw'} (in order) or BudgetSpecs,
-        ties as regexes or preset names ('moe-fused'), bounds as (regex, type) or 'regex=type'."""
+        """From the API's forms: budgets as {regex: bytes | 'SIZE' | 'Xbpw'} (in order), BudgetSpecs or
+        'REGEX=SIZE' strings; ties as regexes or preset names ('moe-fused'); bounds as (regex, type) or
+        'regex=type'."""
         specs = (
-            [budget_spec(p, v) for p, v in budgets.items()] if isinstance(budgets, Mapping) else list(budgets)
+            [budget_spec(p, v) for p, v in budgets.items()] if isinstance(budgets, Mapping)
+            else [parse_budget(b) if isinstance(b, str) else b for b in budgets]
         )
 
         def bounds(pairs: Iterable[tuple[str, str | int] | str], option: str) -> tuple[tuple[str, int], ...]:
@@ -145,6 +147,7 @@ def resolve(
         raise LlqxError("give at most one of target_bpw and target_size")
     if target_bpw is None and target_size is None and not cons.budgets:
         raise LlqxError("give target_bpw, target_size or budgets")
+    target_size = None if target_size is None else int(target_size)
     group_of = _assign(model, cons.budgets, target_bpw, target_size)
     tensor = {t.name: t for t in model.tensors}.__getitem__  # model.tensor() scans: asked for here per type
     ties = _ties(candidates, cons.ties)
