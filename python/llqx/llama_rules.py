@@ -130,11 +130,8 @@ def fallback_type(type_id: int, ne0: int) -> int:
 
 
 def needs_imatrix(name: str, type_id: int) -> bool:
-    """llama.cpp refuses these without importance data (tensor_requires_imatrix; ggml's list is a subset)."""
-    t = ggml_type(type_id)
-    if name in TOKEN_EMBD or name == "output.weight":
-        return t.name.upper() in ("IQ2_XXS", "IQ2_XS", "IQ1_S")  # ggml_quantize_requires_imatrix
-    return t.requires_imatrix
+    """llama.cpp refuses these without importance data: its rule, from the one C++ copy in llqx._core."""
+    return _core.tensor_requires_imatrix(name, type_id)
 
 
 def shape3(t: TensorInfo) -> tuple[int, int, int]:
