@@ -56,69 +56,6 @@ void llqx_score_sample_rows(const std::string & name, int32_t expert, int64_t n_
     }
 }
 
-void llqx_score_pick_rows(const std::string & name, int32_t expert, const std::vector<double> & energy,
-                          int64_t n_sample, std::vector<int64_t> & rows, std::vector<double> & weights) {
-    const int64_t n_rows = (int64_t) energy.size();
-    rows.clear();
-    weights.clear();
-    if (n_rows <= 0 || n_sample <= 0) {
-        return;
-    }
-    if (n_sample >= n_rows) {
-        for (int64_t i = 0; i < n_rows; ++i) {
-            rows.push_back(i);
-            weights.push_back(1.0);
-        }
-        return;
-    }
-    // largest first (ties by index): a row is taken for sure while it alone outweighs the energy one of
-    // the still-sampled rows stands for; at most half the sample goes to such rows
-    std::vector<int64_t> order((size_t) n_rows);
-    for (int64_t i = 0; i < n_rows; ++i) {
-        order[(size_t) i] = i;
-    }
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return energy[(size_t) a] > energy[(size_t) b]; });
-    double rest = 0.0;
-    for (double e : energy) {
-        rest += e;
-    }
-    std::vector<char> taken((size_t) n_rows, 0);
-    int64_t n_taken = 0;
-    while (n_taken < n_sample / 2) {
-        const int64_t i = order[(size_t) n_taken];
-        const double e = energy[(size_t) i];
-        if (!(e > 0.0) || e * (double) (n_sample - n_taken) < rest) {
-            break;
-        }
-        taken[(size_t) i] = 1;
-        rest -= e;
-        ++n_taken;
-    }
-    std::vector<int64_t> others;
-    others.reserve((size_t) (n_rows - n_taken));
-    for (int64_t i = 0; i < n_rows; ++i) {
-        if (!taken[(size_t) i]) {
-            others.push_back(i);
-        }
-    }
-    std::vector<int64_t> picked;
-    llqx_score_sample_rows(name, expert, (int64_t) others.size(), n_sample - n_taken, picked);
-    const double w = picked.empty() ? 0.0 : (double) others.size() / (double) picked.size();
-    std::vector<char> sampled((size_t) n_rows, 0);
-    for (int64_t k : picked) {
-        sampled[(size_t) others[(size_t) k]] = 1;
-    }
-    for (int64_t i = 0; i < n_rows; ++i) {
-        if (taken[(size_t) i]) {
-            rows.push_back(i);
-            weights.push_back(1.0);
-        } else if (sampled[(size_t) i]) {
-            rows.push_back(i);
-            weights.push_back(w);
-        }
-    }
-}
-
 namespace {
 
 struct score_block {
@@ -134,18 +71,16 @@ struct score_item {
 };
 
 struct score_tensor {
-    std::vector<int64_t>     rows;    // picked rows, global (expert * ne1 + row), chosen when the tensor loads
-    std::vector<double>      weight;  // per picked row: how many rows of its slice it stands for
-    std::vector<double>      energy;  // per expert slice: the exact summed expected squared output
+    std::vector<int64_t>     rows;    // sampled rows, global (expert * ne1 + row)
     std::vector<int64_t>     expert_first; // ne2 + 1 offsets into rows
     std::vector<score_block> blocks;
     std::mutex               mutex;
     bool                     loaded = false;
     bool                     failed = false;
-    std::vector<float>       data;    // picked rows as F32
+    std::vector<float>       data;    // sampled rows as F32
+    std::vector<double>      row_den; // per sampled row: expected squared output (candidate-independent)
     std::vector<double>      row_num; // n_cand * rows.size(): expected squared output error
     int64_t                  remaining = 0;
-    int64_t                  per_expert = 0; // rows picked per expert slice (all when it has fewer)
 };
 
 struct mapped_file {
@@ -236,9 +171,8 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         return -1;
     }
     const uint8_t * base = (const uint8_t *) mf.addr;
-    // each tensor is read once from start to end (its energies), then its picked rows again; its pages are
-    // dropped once it is scored
-    madvise(mf.addr, mf.size, MADV_SEQUENTIAL);
+    // sampled rows are scattered: no readahead, and each tensor's pages are dropped once it is scored
+    madvise(mf.addr, mf.size, MADV_RANDOM);
     const uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE);
 
     // sampling plan and the flat, ordered list of work items
@@ -255,16 +189,19 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         const int64_t n_sample   = j.sample_elements > 0 ? j.sample_elements : params.sample_elements;
         const int64_t per_expert = std::max<int64_t>(params.min_rows, (n_sample / j.ne[2] + j.ne[0] - 1) / j.ne[0]);
         const int64_t block_rows = std::max<int64_t>(1, LLQX_SCORE_BLOCK_ELEMENTS / j.ne[0]);
+        std::vector<int64_t> rows;
         st->expert_first.push_back(0);
         for (int32_t e = 0; e < (int32_t) j.ne[2]; ++e) {
-            const int64_t first = st->expert_first.back();
-            const int64_t n = std::min(per_expert, j.ne[1]);
-            for (int64_t b = 0; b < n; b += block_rows) {
-                st->blocks.push_back({ e, first + b, std::min(block_rows, n - b) });
+            llqx_score_sample_rows(j.name, e, j.ne[1], per_expert, rows);
+            const int64_t first = (int64_t) st->rows.size();
+            for (int64_t r : rows) {
+                st->rows.push_back((int64_t) e * j.ne[1] + r);
             }
-            st->expert_first.push_back(first + n);
+            for (int64_t b = 0; b < (int64_t) rows.size(); b += block_rows) {
+                st->blocks.push_back({ e, first + b, std::min(block_rows, (int64_t) rows.size() - b) });
+            }
+            st->expert_first.push_back((int64_t) st->rows.size());
         }
-        st->per_expert = per_expert;
         for (int32_t b = 0; b < (int32_t) st->blocks.size(); ++b) {
             for (int32_t c = 0; c < (int32_t) j.candidates.size(); ++c) {
                 items.push_back({ (int32_t) ji, c, b });
@@ -292,21 +229,26 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         const size_t nr = st.rows.size();
         const size_t nc = j.candidates.size();
         const size_t ne2 = (size_t) j.ne[2];
-        // per candidate and expert slice: the slice's summed squared output error, estimated from the picked
-        // rows with their weights (an unbiased sum: rows with large outputs weigh more, as in the output);
-        // then per slice the summed squared output itself, exact
+        // per candidate and expert slice: the slice's summed squared output error, extrapolated from the
+        // sampled rows (an unbiased sum: rows with large outputs weigh more, as they do in the output);
+        // then per slice the summed squared output itself
         std::vector<double> out((nc + 1) * ne2, 0.0);
         for (size_t e = 0; e < ne2; ++e) {
             const int64_t a = st.expert_first[e];
             const int64_t b = st.expert_first[e + 1];
+            const double scale = b > a ? (double) j.ne[1] / (double) (b - a) : 0.0;
             for (size_t c = 0; c < nc; ++c) {
                 double sum = 0.0;
                 for (int64_t r = a; r < b; ++r) {
-                    sum += st.row_num[c * nr + (size_t) r] * st.weight[(size_t) r];
+                    sum += st.row_num[c * nr + (size_t) r];
                 }
-                out[c * ne2 + e] = sum;
+                out[c * ne2 + e] = sum * scale;
             }
-            out[nc * ne2 + e] = st.energy[e];
+            double den = 0.0;
+            for (int64_t r = a; r < b; ++r) {
+                den += st.row_den[(size_t) r];
+            }
+            out[nc * ne2 + e] = den * scale;
         }
         st.data.clear();
         st.data.shrink_to_fit();
@@ -317,6 +259,8 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         }
         st.row_num.clear();
         st.row_num.shrink_to_fit();
+        st.row_den.clear();
+        st.row_den.shrink_to_fit();
         std::lock_guard<std::mutex> lock(done_mutex);
         errors[ji] = out;
         if (done != nullptr && !done((int32_t) ji, out.data(), (int32_t) out.size(), (int64_t) nr, user_data)) {
@@ -340,43 +284,9 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             {
                 std::lock_guard<std::mutex> lock(st.mutex);
                 if (!st.loaded) {
-                    // once per tensor: every row's expected squared output (one pass over the tensor, the
-                    // bytes the writer reads anyway), the rows to measure, and those rows as F32
+                    // read and convert the sampled rows of this tensor, once
                     const ggml_type stype = (ggml_type) j.src_type;
                     const size_t src_row = ggml_row_size(stype, ne0);
-                    std::vector<float> xrow((size_t) ne0);
-                    std::vector<double> energy((size_t) j.ne[1]);
-                    std::vector<int64_t> picked;
-                    std::vector<double> weights;
-                    st.rows.clear();
-                    st.weight.clear();
-                    st.energy.assign((size_t) j.ne[2], 0.0);
-                    for (int64_t e = 0; e < j.ne[2]; ++e) {
-                        const float * v = j.weights.empty() ? nullptr : j.weights.data() + (size_t) e * (size_t) ne0;
-                        const float * a = j.activations.empty() ? nullptr : j.activations.data() + (size_t) e * (size_t) ne0;
-                        for (int64_t r = 0; r < j.ne[1]; ++r) {
-                            const uint8_t * src = base + j.offset + (uint64_t) (e * j.ne[1] + r) * src_row;
-                            if (stype == GGML_TYPE_F32) {
-                                std::memcpy(xrow.data(), src, sizeof(float) * (size_t) ne0);
-                            } else {
-                                ggml_get_type_traits(stype)->to_float(src, xrow.data(), ne0);
-                            }
-                            double den = 0.0, ax = 0.0;
-                            for (int64_t k = 0; k < ne0; ++k) {
-                                den += (v ? (double) v[k] : 1.0) * (double) xrow[(size_t) k] * (double) xrow[(size_t) k];
-                                if (a) {
-                                    ax += (double) a[k] * (double) xrow[(size_t) k];
-                                }
-                            }
-                            energy[(size_t) r] = den + ax * ax;
-                            st.energy[(size_t) e] += energy[(size_t) r];
-                        }
-                        llqx_score_pick_rows(j.name, (int32_t) e, energy, st.per_expert, picked, weights);
-                        for (size_t k = 0; k < picked.size(); ++k) {
-                            st.rows.push_back(e * j.ne[1] + picked[k]);
-                            st.weight.push_back(weights[k]);
-                        }
-                    }
                     st.data.resize(st.rows.size() * (size_t) ne0);
                     for (size_t r = 0; r < st.rows.size(); ++r) {
                         const uint8_t * src = base + j.offset + (uint64_t) st.rows[r] * src_row;
@@ -388,6 +298,23 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
                         }
                     }
                     st.row_num.assign(st.rows.size() * j.candidates.size(), 0.0);
+                    st.row_den.assign(st.rows.size(), 0.0);
+                    // the expected squared output of each sampled row does not depend on the candidate
+                    for (int64_t e = 0; e < j.ne[2]; ++e) {
+                        const float * v = j.weights.empty() ? nullptr : j.weights.data() + (size_t) e * (size_t) ne0;
+                        const float * a = j.activations.empty() ? nullptr : j.activations.data() + (size_t) e * (size_t) ne0;
+                        for (int64_t r = st.expert_first[(size_t) e]; r < st.expert_first[(size_t) e + 1]; ++r) {
+                            const float * xr = st.data.data() + (size_t) r * (size_t) ne0;
+                            double den = 0.0, ax = 0.0;
+                            for (int64_t k = 0; k < ne0; ++k) {
+                                den += (v ? (double) v[k] : 1.0) * (double) xr[k] * (double) xr[k];
+                                if (a) {
+                                    ax += (double) a[k] * (double) xr[k];
+                                }
+                            }
+                            st.row_den[(size_t) r] = den + ax * ax;
+                        }
+                    }
                     st.loaded = true;
                 }
             }

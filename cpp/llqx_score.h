@@ -28,22 +28,14 @@ struct llqx_score_params {
 
 // called (serialized, from any thread) when one job's curve is complete. errors holds
 // (n_candidates + 1) * n_expert values: errors[c * n_expert + e] is the summed expected squared output
-// error of expert slice e under candidates[c] (estimated from the picked rows, see llqx_score_pick_rows),
-// errors[n_candidates * n_expert + e] the slice's summed expected squared output, exact (every row).
-// Returning false cancels.
+// error of expert slice e under candidates[c] (extrapolated from the sampled rows to the whole slice),
+// errors[n_candidates * n_expert + e] the slice's summed expected squared output. Returning false cancels.
 typedef bool (*llqx_score_done_t)(int32_t job, const double * errors, int32_t n_errors, int64_t n_rows_sampled,
                                   void * user_data);
 
 // the rows that are sampled from one expert slice of n_rows rows (sorted, deterministic from name and expert)
 void llqx_score_sample_rows(const std::string & name, int32_t expert, int64_t n_rows, int64_t n_sample,
                             std::vector<int64_t> & rows);
-
-// the rows whose error is measured in one expert slice, given every row's expected squared output: the rows
-// too large to leave to chance (each holds more than the share of the energy a sampled row stands for) are
-// always taken (weight 1), the rest are sampled evenly (weight: rest rows / sampled rest rows), so the
-// weighted sum of sampled errors is an unbiased estimate of the slice's. rows sorted, weights aligned.
-void llqx_score_pick_rows(const std::string & name, int32_t expert, const std::vector<double> & energy,
-                          int64_t n_sample, std::vector<int64_t> & rows, std::vector<double> & weights);
 
 // scores every job; errors[j] receives job j's values as passed to done (empty when the job did not finish).
 // Returns 1 when complete, 0 when cancelled (by the flag or the callback), -1 with err set on failure.

@@ -95,16 +95,12 @@ void bind_score(py::module_ & m) {
         .def(py::init<>())
         .def("set", [](score_cancel & c) { c.flag = true; })
         .def("is_set", [](const score_cancel & c) { return c.flag.load(); });
-    m.def("score_pick_rows", [](const std::string & name, int32_t expert,
-                                 py::array_t<double, py::array::c_style | py::array::forcecast> energy, int64_t n_sample) {
-        std::vector<double> e(energy.data(), energy.data() + energy.size());
+    m.def("score_sample_rows", [](const std::string & name, int32_t expert, int64_t n_rows, int64_t n_sample) {
         std::vector<int64_t> rows;
-        std::vector<double> weights;
-        llqx_score_pick_rows(name, expert, e, n_sample, rows, weights);
-        return py::make_tuple(rows, weights);
-    }, py::arg("name"), py::arg("expert"), py::arg("energy"), py::arg("n_sample"),
-       "the rows the scorer measures in one expert slice, given every row's expected squared output, and "
-       "how many rows each stands for");
+        llqx_score_sample_rows(name, expert, n_rows, n_sample, rows);
+        return rows;
+    }, py::arg("name"), py::arg("expert"), py::arg("n_rows"), py::arg("n_sample"),
+       "the rows the scorer samples from one expert slice");
     m.def("score_run", &score_run, py::arg("path"), py::arg("jobs"), py::arg("nthread") = 1,
           py::arg("sample_elements") = 1 << 20, py::arg("min_rows") = 16,
           py::arg("callback") = py::none(), py::arg("cancel") = nullptr,

@@ -35,8 +35,7 @@ from .types import ggml_type
 
 log = logging.getLogger("llqx")
 
-# 3: energies from every row, errors from the high-energy rows always plus an even sample of the rest
-SCORING_VERSION = 3
+SCORING_VERSION = 2
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
 # the estimate is a per-row mean, so it needs rows from all over the tensor more than many rows
 SAMPLE_FRACTION = 1 / 32
