@@ -37,6 +37,8 @@ from llqx import _core, data
 from llqx.cli.eval import eval_progress
 from llqx.errors import LlqxError
 from llqx.evaluate import EvalResult, QuantResult
+from llqx.probe import Calibration
+from llqx.sensitivity import calibrate
 from llqx.upstream import upstream_tool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules below
@@ -134,9 +136,23 @@ def build_imatrix(model: Path, out: Path, chunks: int, ctx: int, threads: int) -
     return time.perf_counter() - t0, "upstream llama-imatrix"
 
 
-def proxy_errors(model: Path, imatrix: Path, state: Path, files: list[Path]) -> dict[str, float]:
-    """The estimator's total error of each quant file's type mix (from the state file, no rescoring)."""
+def calibration_file(work: Path, chunks: int) -> Path | None:
+    """The calibration text llqx measures sensitivities on: c4, as the imatrix (never the eval text)."""
+    if chunks <= 0:
+        return None
+    path = work / "calibration-c4.txt"
+    write_text(path, text_slice("c4", chunks * 512))
+    return path
+
+
+def proxy_errors(
+    model: Path, imatrix: Path, state: Path, files: list[Path], calibration: Path | None, chunks: int
+) -> dict[str, float]:
+    """The estimator's total error of each quant file's type mix (from the state file, no rescoring); in
+    KL divergence when llqx measured sensitivities (they are in the state file)."""
     scores = llqx.score(model, imatrix, state=state, progress=False)
+    if calibration is not None:
+        calibrate(scores, llqx.Imatrix.load(imatrix), Calibration(calibration, chunks=chunks))
     out: dict[str, float] = {}
     for f in files:
         error = scores.mix_error({t.name: t.type for t in llqx.inspect(f).tensors})
@@ -170,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-chunks", type=int, default=32, help="imatrix chunks of c4 (default 32)")
     ap.add_argument("--calib-ctx", type=int, default=512, help="imatrix chunk size (default 512)")
     ap.add_argument("--imatrix", default=None, help="use this imatrix instead of building one")
+    ap.add_argument("--calibrate", type=int, default=4, metavar="N",
+                    help="llqx measures sensitivities on N chunks of c4 (--calibration-file); 0: estimator only")
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument(
@@ -262,8 +280,11 @@ def make_recipes(args: argparse.Namespace, s: Setup, imatrix: Path) -> tuple[dic
     return files, seconds
 
 
-def make_llqx(s: Setup, imatrix: Path, recipe_files: dict[str, Path]) -> tuple[dict[str, Path], dict[str, float]]:
-    """3. llqx at each recipe's bpw: one state file, scored by the first call and reused by the others."""
+def make_llqx(
+    s: Setup, imatrix: Path, recipe_files: dict[str, Path], calibration: Path | None, chunks: int
+) -> tuple[dict[str, Path], dict[str, float]]:
+    """3. llqx at each recipe's bpw: one state file, scored by the first call and reused by the others
+    (with calibration text, the first call also measures the sensitivities)."""
     files: dict[str, Path] = {}
     seconds: dict[str, float] = {}
     state = s.work / "llqx-state.json"
@@ -273,7 +294,10 @@ def make_llqx(s: Setup, imatrix: Path, recipe_files: dict[str, Path]) -> tuple[d
         out = s.work / f"{s.name}-llqx-{target:.4f}.gguf"
         # no type/nthreads positional: in llama-quantize's grammar a third word is the type
         cmd = [*llqx_quantize_cmd(), "--target-bpw", f"{target:.6f}", "--imatrix", str(imatrix), "--state-file",
-               str(state), str(s.model), str(out)]
+               str(state)]
+        if calibration is not None:
+            cmd += ["--calibration-file", str(calibration), "--calibration-chunks", str(chunks)]
+        cmd += [str(s.model), str(out)]
         seconds[r] = run_cmd(list(cmd), f"llqx-quantize --target-bpw {target:.4f}")
         files[r] = out
         log(f"llqx @ {target:.4f}: {llqx.inspect(out).bpw:.4f} bpw in {seconds[r]:.1f} s")
@@ -334,7 +358,9 @@ def run(args: argparse.Namespace) -> int:
     recipe_files, recipe_times = make_recipes(args, s, imatrix)
     if args.only_recipes:
         return 0
-    llqx_files, llqx_times = ({}, {}) if args.skip_llqx else make_llqx(s, imatrix, recipe_files)
+    calibration = calibration_file(s.work, args.calibrate)
+    llqx_files, llqx_times = ({}, {}) if args.skip_llqx else make_llqx(s, imatrix, recipe_files, calibration,
+                                                                      args.calibrate)
     result, cached, eval_settings = evaluate_all(args, s, recipe_files, llqx_files, times)
     by_path = {q.path: q for q in result.quants}
     for r in s.recipes:
@@ -344,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     proxy: dict[str, float] = {}
     if not args.skip_llqx:
         quants = [Path(q.path) for q in result.quants]
-        proxy = proxy_errors(s.model, imatrix, s.work / "llqx-state.json", quants)
+        proxy = proxy_errors(s.model, imatrix, s.work / "llqx-state.json", quants, calibration, args.calibrate)
         for p in points:
             for prefix, files in (("recipe", recipe_files), ("llqx", llqx_files)):
                 r = str(p["recipe"])
@@ -361,6 +387,7 @@ def run(args: argparse.Namespace) -> int:
         "eval_text": "wiki (exllamav2 0.3.2 standard_cal_data/wiki.utf8), held out",
         "calib_text": "c4 (exllamav2 0.3.2 standard_cal_data/c4.utf8)",
         "imatrix": {"path": str(imatrix), "how": im_how, "chunks": args.calib_chunks, "ctx": args.calib_ctx},
+        "llqx_calibration": {"text": "c4", "chunks": args.calibrate, "ctx": 512} if calibration else None,
         "eval": {
             "ctx": result.ctx,
             "chunks": result.n_chunk,

@@ -24,6 +24,7 @@ from .model import ModelInfo
 from .optimizer import allocate
 from .plan import Plan, PlanTensor
 from .request import BudgetSpec
+from .state import ScoreState
 from .types import ggml_type, parse_tensor_type
 
 log = logging.getLogger("llqx")
@@ -73,6 +74,10 @@ class Scores:
     candidates: dict[str, list[int]] = field(default_factory=dict)
     scorer: CurveSource | None = field(default=None, repr=False)  # set until score_all(): scores on demand
     _imatrix_kvs: list[_core.KvOverride] = field(default_factory=list, repr=False)
+    # measured sensitivity (llqx.sensitivity): per tensor, the factor from the estimator's unit to KL
+    # divergence; empty: the estimator's unit as it is
+    factors: dict[str, float] = field(default_factory=dict)
+    state: ScoreState | None = field(default=None, repr=False)  # the scorer's state (measurements kept there)
     _warned: bool = field(default=False, init=False, repr=False)
     _bpw: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
 
@@ -132,8 +137,28 @@ class Scores:
                 continue
             if tid not in c.types:
                 return None
-            total += c.errors[c.types.index(tid)]
+            total += self._error(c, c.types.index(tid))
         return total
+
+    def _error(self, c: TensorCurve, i: int) -> float:
+        """A curve's error for its i-th type, in KL divergence once calibrate() set factors."""
+        f = self.factors.get(c.name)
+        return c.errors[i] if f is None else c.errors[i] * f
+
+    def calibrate(self, factors: dict[str, float]) -> None:
+        """Plan with measured sensitivities: every error of a tensor times its factor (see llqx.sensitivity)."""
+        self.factors = dict(factors)
+
+    def error_of(self, name: str, tid: int) -> float:
+        """The estimator's error of one scored (tensor, type), before any calibration factor."""
+        c = self.curves[name]
+        return c.errors[c.types.index(tid)]
+
+    def ensure_scored(self, need: dict[str, list[int]]) -> None:
+        """Score these (tensor, types) now if they are not yet (window mode or a deferred run)."""
+        if self.scorer is not None:
+            self.scorer.ensure(need)
+            self.curves = self.scorer.curves()
 
     def check_target(self, target_bpw: float | None = None, target_size: int | None = None, **options: Any) -> None:
         """LlqxError for a target or budget no mix can reach under these pins, bounds and ties (plan()'s
@@ -304,7 +329,7 @@ class Scores:
                 for n in it.names:
                     c = self.curves[n]
                     i = c.types.index(x)
-                    picks[n] = (x, c.nbytes[i], c.errors[i])
+                    picks[n] = (x, c.nbytes[i], self._error(c, i))
                 per_type.append(picks)
             options.append(per_type)
             curves.append((
@@ -323,7 +348,7 @@ class Scores:
                 tensors.append(PlanTensor(t.name, t.type, t.nbytes, t.n_elements, None, "kept"))
             elif t.name in b.pins:
                 tid = b.pins[t.name]
-                err = c.errors[c.types.index(tid)] if c is not None and tid in c.types else None
+                err = self._error(c, c.types.index(tid)) if c is not None and tid in c.types else None
                 tensors.append(PlanTensor(t.name, tid, tensor_nbytes(tid, t), t.n_elements, err, "pinned"))
             else:
                 tid, nb, err = pick[t.name]

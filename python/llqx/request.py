@@ -119,6 +119,16 @@ def parse_candidates(text: str) -> str:
     return text
 
 
+def parse_calibration_chunks(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise LlqxError(f"invalid --calibration-chunks '{text}' (a positive number of chunks)")
+    return value
+
+
 def parse_score_elements(text: str) -> int:
     try:
         value = int(text)
@@ -171,6 +181,9 @@ class QuantizeRequest:
     ties: list[str] = field(default_factory=list)
     min_types: list[tuple[str, int]] = field(default_factory=list)
     max_types: list[tuple[str, int]] = field(default_factory=list)
+    calibration_file: str | None = None  # text for the measured steps: sensitivities, --verify
+    calibration_chunks: int = 4
+    verify: bool = False
 
     @property
     def target_mode(self) -> bool:

@@ -56,7 +56,8 @@ def _model_hash(info: ModelInfo) -> str:
     return h.hexdigest()
 
 
-def _importance(im: Imatrix | None, t: TensorInfo) -> tuple[np.ndarray | None, np.ndarray | None]:
+def importance(im: Imatrix | None, t: TensorInfo) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(llama.cpp's importance weights, mean activations) of a tensor, flat float32; None without data."""
     if im is None or t.name not in im.entries or im.entries[t.name].in_sum2.size != t.shape[0] * shape3(t)[2]:
         return None, None  # no entry, or a token-embedding entry of another width (llama.cpp ignores it too)
     w = np.ascontiguousarray(im.values(t.name).reshape(-1), dtype=np.float32)
@@ -69,7 +70,7 @@ def _imatrix_hash(im: Imatrix | None, tensors: Sequence[TensorInfo]) -> str:
     if im is None:
         return "none"
     for t in tensors:
-        w, a = _importance(im, t)
+        w, a = importance(im, t)
         h.update(t.name.encode() + b"\0")
         h.update(b"w" if w is not None else b"-")
         if w is not None:
@@ -143,7 +144,7 @@ def score(
     kvs = [] if im is None else imatrix_kv_overrides(select_imatrix(im), label or "")
     meta = meta_size(info.path, kvs, 7)
     has_act = im is not None and im.has_activations
-    scores = Scores(info, scorer.curves(), label, meta, has_act, cands, scorer, kvs)
+    scores = Scores(info, scorer.curves(), label, meta, has_act, cands, scorer, kvs, state=st)
     if candidates == "all" and not defer:
         scores.score_all()
     return scores
@@ -226,7 +227,7 @@ def _run_scoring(
     for t in todo:
         ne0, ne1, ne2 = shape3(t)
         weights_of.append(expert_weights(im, t.name, ne2))
-        w, a = _importance(im, t)
+        w, a = importance(im, t)
         job: dict[str, object] = {
             "name": t.name,
             "src_type": t.type,

@@ -61,20 +61,21 @@ class ScoreState:
     path: Path | None
     key: dict[str, Any]
     tensors: dict[str, TensorScore] = field(default_factory=dict)
+    # measured sensitivities (llqx.sensitivity): per probe key, each group's KL divergence
+    probes: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": STATE_FORMAT,
-                "key": self.key,
-                "tensors": {
-                    n: {"types": t.types, "errors": t.errors, "rows": t.rows, "energy": t.energy}
-                    for n, t in self.tensors.items()
-                },
+        doc: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "key": self.key,
+            "tensors": {
+                n: {"types": t.types, "errors": t.errors, "rows": t.rows, "energy": t.energy}
+                for n, t in self.tensors.items()
             },
-            indent=0,
-            sort_keys=True,
-        )
+        }
+        if self.probes:
+            doc["probes"] = self.probes
+        return json.dumps(doc, indent=0, sort_keys=True)
 
     def save(self) -> None:
         """Atomic write beside the target; a failure to write is reported, never fatal."""
@@ -162,4 +163,12 @@ def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
             log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
             continue
         state.tensors[str(name)] = TensorScore(types, errors, rows, energy)
+    probes = doc.get("probes", {})
+    for pkey, groups in probes.items() if isinstance(probes, dict) else ():
+        try:
+            klds = {str(g): float(v) for g, v in groups.items()}
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if all(v == v and v >= 0.0 for v in klds.values()):
+            state.probes[str(pkey)] = klds
     return state

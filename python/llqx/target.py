@@ -8,6 +8,8 @@ CLI (llqx.cli.target) only prints.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,14 @@ from .imatrix import Imatrix, check_imatrix_fits
 from .llama_rules import tensor_is_quantizable
 from .plan import Plan
 from .planner import Scores
+from .probe import Calibration, check_full_precision
 from .quantize import PLAN_BASE_FTYPE, check_paths, quantize
 from .request import QuantizeRequest
 from .scoring import score
+from .sensitivity import GroupSensitivity, calibrate
 from .state import check_state_path
 from .types import ggml_type
+from .verify import Verdict, verify
 
 # llama-quantize options that target mode cannot honour, and why (one line each)
 _REFUSED = {
@@ -64,6 +69,21 @@ def check_request(req: QuantizeRequest) -> None:
         )
     if not Path(req.input).is_file():
         raise LlqxError(f"input model not found: {req.input}")
+    if req.verify and req.calibration_file is None:
+        raise LlqxError("--verify measures on calibration text: give --calibration-file FILE")
+    if req.verify and (req.budgets or req.ties or req.min_types or req.max_types):
+        raise LlqxError("--verify compares with a llama.cpp recipe, which has no --budget, --tie, --min-type "
+                        "or --max-type: leave those out or --verify")
+    cal = calibration_of(req)
+    if cal is not None:
+        cal.check()
+
+
+def calibration_of(req: QuantizeRequest) -> Calibration | None:
+    """The calibration text of the measured steps (sensitivities, --verify), if one was given."""
+    if req.calibration_file is None:
+        return None
+    return Calibration(Path(req.calibration_file), chunks=req.calibration_chunks, threads=req.nthread)
 
 
 def prepare(req: QuantizeRequest, im: Imatrix) -> Scores:
@@ -96,6 +116,8 @@ def prepare(req: QuantizeRequest, im: Imatrix) -> Scores:
     )
     scores.set_metadata(req.override_kv, PLAN_BASE_FTYPE if req.ftype is None else req.ftype.ftype)
     scores.check_target(req.target_bpw, req.target_size, **pins_of(req))
+    if req.calibration_file is not None:
+        check_full_precision(info, list(scores.candidates))
     return scores
 
 
@@ -113,15 +135,54 @@ def pins_of(req: QuantizeRequest) -> dict[str, Any]:
     }
 
 
-def plan_target(req: QuantizeRequest, scores: Scores) -> Plan:
-    """Score what is missing (all candidates unless window mode), then plan; frees grids the mix does not use."""
+@dataclass
+class TargetResult:
+    """The plan to write, and what the measured steps found (empty without --calibration-file)."""
+
+    plan: Plan
+    sensitivities: list[GroupSensitivity] = field(default_factory=list)
+    verdict: Verdict | None = None
+
+
+def plan_target(
+    req: QuantizeRequest, scores: Scores, imatrix: Imatrix | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> TargetResult:
+    """Score what is missing (all candidates unless window mode), measure the groups' sensitivities when
+    there is calibration text, plan, --verify; frees grids the mix does not use."""
     if req.candidates == "all":
         scores.score_all()
+    cal = calibration_of(req)
+    sens: list[GroupSensitivity] = []
+    if cal is not None:
+        sens = calibrate(scores, imatrix, cal, _step(on_progress, "measuring"))
     plan = scores.plan(target_bpw=req.target_bpw, target_size=req.target_size, **pins_of(req))
+    verdict = None
+    if req.verify and cal is not None:
+
+        def replan(tensor_types: list[tuple[str, int]]) -> Plan:
+            return scores.plan(target_bpw=req.target_bpw, target_size=req.target_size,
+                               **{**pins_of(req), "tensor_types": tensor_types})
+
+        plan, verdict = verify(scores, plan, imatrix, cal, writer_pins(req), replan, _step(on_progress, "verifying"))
     if not any(ggml_type(t).has_grid for _, t in plan.overrides()):
         # scoring built the IQ lookup grids (~6 MB); this mix needs none, so the writer's peak need not carry them
         _core.quantize_free()
-    return plan
+    return TargetResult(plan, sens, verdict)
+
+
+def _step(on_progress: Callable[[str, int, int], None] | None, what: str) -> Callable[[int, int], None] | None:
+    return None if on_progress is None else (lambda done, total: on_progress(what, done, total))
+
+
+def writer_pins(req: QuantizeRequest) -> dict[str, Any]:
+    """The pins as quantize() takes them (a recipe's dry run applies them as llama-quantize would)."""
+    return {
+        "tensor_types": req.tensor_types,
+        "output_tensor_type": req.output_tensor_type,
+        "token_embedding_type": req.token_embedding_type,
+        "leave_output_tensor": req.leave_output_tensor,
+    }
 
 
 def default_output(inp: Path, plan: Plan) -> Path:

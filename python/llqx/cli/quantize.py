@@ -88,7 +88,8 @@ def run(args: QuantizeRequest) -> int:
         return run_target(args)
     for given, option in ((args.state_file, "--state-file"), (args.candidates != "all", "--candidates"),
                           (args.score_elements, "--score-elements"), (args.ties, "--tie"),
-                          (args.min_types, "--min-type"), (args.max_types, "--max-type")):
+                          (args.min_types, "--min-type"), (args.max_types, "--max-type"),
+                          (args.calibration_file, "--calibration-file"), (args.verify, "--verify")):
         if given:
             raise LlqxError(f"{option} is only used with --target-bpw, --target-size or --budget")
     ft: FileType | None = args.ftype

@@ -22,6 +22,7 @@ from ..request import (
     QuantizeRequest,
     parse_bpw,
     parse_budget,
+    parse_calibration_chunks,
     parse_candidates,
     parse_score_elements,
     parse_size,
@@ -85,6 +86,11 @@ def usage_text(prog: str = PROG) -> str:
                                "(an llqx state file; any other file there is refused)"]),
         ("--candidates all|window", ["(llqx) window: score the IQ1-IQ3 grid types only near the target"]),
         ("--score-elements N", ["(llqx) elements sampled per tensor when scoring"]),
+        ("--calibration-file FILE", ["(llqx) text to measure each tensor group's real effect on (KL divergence)",
+                                     "and plan with it; e.g. the imatrix's text"]),
+        ("--calibration-chunks N", ["(llqx) chunks of 512 tokens measured (default 4)"]),
+        ("--verify", ["(llqx) measure the plan against llama.cpp's nearest recipe on the calibration text",
+                      "and keep the better (needs --calibration-file)"]),
         ("--quiet / --verbose", ["(llqx) show only errors / also llama.cpp's debug log"]),
         ("--json", ["(llqx) print a JSON summary (output, bytes, bpw, seconds) on stdout"]),
     ]
@@ -95,7 +101,8 @@ def usage_text(prog: str = PROG) -> str:
         "[--tensor-type-file]",
         "       [--prune-layers] [--keep-split] [--override-kv] [--dry-run] [--max-buffer-size]",
         "       [--target-bpw] [--target-size] [--budget] [--tie] [--min-type] [--max-type] [--state-file]",
-        "       [--candidates] [--score-elements] [--quiet] [--verbose] [--json]",
+        "       [--candidates] [--score-elements] [--calibration-file] [--calibration-chunks] [--verify]",
+        "       [--quiet] [--verbose] [--json]",
         "       model-f32.gguf [model-quant.gguf] type [nthreads]",
         "",
     ]
@@ -148,12 +155,12 @@ _VALUE_OPTIONS = {
 # llqx's own options: a bad value is one line (LlqxError), not upstream's usage text
 _LLQX_VALUE_OPTIONS = {
     "--target-bpw", "--target-size", "--state-file", "--candidates", "--score-elements", "--budget", "--tie",
-    "--min-type", "--max-type",
+    "--min-type", "--max-type", "--calibration-file", "--calibration-chunks",
 }
 _FLAG_OPTIONS = {
     "--leave-output-tensor": "leave_output_tensor", "--dry-run": "dry_run",
     "--allow-requantize": "allow_requantize", "--pure": "pure", "--keep-split": "keep_split",
-    "--quiet": "quiet", "--verbose": "verbose", "--json": "json",
+    "--quiet": "quiet", "--verbose": "verbose", "--json": "json", "--verify": "verify",
 }
 
 
@@ -195,6 +202,10 @@ def _apply_value(ns: QuantizeRequest, opt: str, value: str) -> None:
         ns.min_types.append(parse_type_bound(value, opt))
     elif opt == "--max-type":
         ns.max_types.append(parse_type_bound(value, opt))
+    elif opt == "--calibration-file":
+        ns.calibration_file = value
+    elif opt == "--calibration-chunks":
+        ns.calibration_chunks = parse_calibration_chunks(value)
 
 
 def _state_path(value: str) -> str:
@@ -343,6 +354,14 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
                    "only near the target (a faster first run; the mix can be a little worse)")
     g.add_argument("--score-elements", metavar="N", action=_Checked, convert=parse_score_elements, default=None,
                    help="elements sampled per tensor when scoring (default: 1/32 of it, 32K to 256K)")
+    g.add_argument("--calibration-file", metavar="FILE", default=None,
+                   help="text to measure each tensor group's real effect on (KL divergence), planned with; "
+                   "e.g. the imatrix's text")
+    g.add_argument("--calibration-chunks", metavar="N", action=_Checked, convert=parse_calibration_chunks, default=4,
+                   help="chunks of 512 tokens of the calibration text measured (default 4)")
+    g.add_argument("--verify", action="store_true",
+                   help="measure the plan against llama.cpp's nearest recipe on the calibration text and keep the "
+                   "better (needs --calibration-file)")
 
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:

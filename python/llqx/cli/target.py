@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..imatrix import Imatrix
 from ..plan import Plan
 from ..request import QuantizeRequest
+from ..sensitivity import GroupSensitivity
 from ..target import check_request, default_output, plan_target, prepare, write_target
+from ..verify import Verdict
 
 
 def print_plan(plan: Plan, console: Any) -> None:
@@ -52,6 +56,46 @@ def print_plan(plan: Plan, console: Any) -> None:
     )
 
 
+@contextmanager
+def measuring_progress(console: Any) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress bar for the measured steps (chunks run), or None when nothing prints."""
+    if console is None:
+        yield None
+        return
+    from ..progress import progress_bar
+
+    bar = progress_bar("{task.description}", "chunks", transient=True)
+    tasks: dict[str, Any] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=total)
+        bar.update(tasks[what], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def print_sensitivities(sens: list[GroupSensitivity], console: Any) -> None:
+    """One line per group: what its probe cost in KL divergence against what the estimator expected."""
+    from rich.table import Table
+
+    t = Table(title="measured sensitivity (probe: KLD of the group at the probe type)")
+    for col in ("group", "tensors", "KLD", "estimate", "factor"):
+        t.add_column(col, justify="left" if col == "group" else "right")
+    for s in sens:
+        t.add_row(s.group, str(len(s.tensors)), f"{s.kld:.4g}", f"{s.estimate:.4g}", f"{s.factor:.4g}")
+    console.print(t)
+
+
+def print_verdict(v: Verdict, console: Any) -> None:
+    console.print(
+        f"verify: llqx {v.plan_bpw:.4f} bpw KLD {v.plan_kld:.5f}; {v.recipe} {v.recipe_bpw:.4f} bpw KLD "
+        f"{v.recipe_kld:.5f} (calibration text); keeping {'llqx' if v.kept == 'llqx' else v.recipe + ' mix'}",
+        markup=False,
+    )
+
+
 def run_target(req: QuantizeRequest) -> int:
     """Check everything, score (or reuse the state file), plan to the target, then write and verify."""
     check_request(req)
@@ -63,9 +107,19 @@ def run_target(req: QuantizeRequest) -> int:
     assert req.imatrix is not None
     imatrix = Imatrix.load(req.imatrix)
     scores = prepare(req, imatrix)
-    plan = plan_target(req, scores)
+    with measuring_progress(console) as on_progress:
+        result = plan_target(req, scores, imatrix, on_progress)
     del scores  # the model's metadata and the curves: not needed by the writer (its peak memory)
+    plan = result.plan
     doc: dict[str, Any] = plan.to_dict()
+    if result.sensitivities:
+        doc["sensitivity"] = [s.to_dict() for s in result.sensitivities]
+        if console is not None:
+            print_sensitivities(result.sensitivities, console)
+    if result.verdict is not None:
+        doc["verify"] = result.verdict.to_dict()
+        if console is not None:
+            print_verdict(result.verdict, console)
     if req.dry_run:
         if req.json:
             json.dump(doc, sys.stdout)

@@ -1,0 +1,132 @@
+"""Measured steps of target mode: recipe mixes read from llama.cpp's dry run, measured sensitivities and
+--verify, end to end through the installed llqx-quantize, files checked with gguf-py and llqx eval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+
+import llqx
+from llqx import Imatrix
+from llqx.errors import LlqxError
+from llqx.probe import Calibration, measure_mixes
+from llqx.sensitivity import BANDS, tensor_group
+from llqx.verify import recipe_mix
+
+from conftest import subprocess_env
+
+
+def file_types(path: Path) -> dict[str, int]:
+    return {t.name: int(t.tensor_type) for t in gguf.GGUFReader(path).tensors}
+
+
+LLQX_QUANTIZE = Path(sys.executable).parent / "llqx-quantize"
+
+
+def quantize_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    cmd = [str(LLQX_QUANTIZE), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+
+
+@pytest.mark.parametrize("recipe", ["Q4_K_M", "Q3_K_S", "IQ4_XS"])
+def test_recipe_mix_is_what_llama_quantize_writes(
+    recipe: str, smollm2_f16: Path, smol_imatrix: Path, llama_quantize: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / f"{recipe}.gguf"
+    subprocess.run([str(llama_quantize), "--imatrix", str(smol_imatrix), str(smollm2_f16), str(out), recipe],
+                   check=True, capture_output=True)
+    written = file_types(out)
+    mix = recipe_mix(smollm2_f16, recipe, Imatrix.load(smol_imatrix))
+    assert mix == written
+
+
+def test_recipe_mix_honours_pins(smollm2_f16: Path, smol_imatrix: Path, llama_quantize: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pinned.gguf"
+    subprocess.run([str(llama_quantize), "--imatrix", str(smol_imatrix), "--tensor-type", "ffn_down=q8_0",
+                    str(smollm2_f16), str(out), "Q4_K_M"], check=True, capture_output=True)
+    mix = recipe_mix(smollm2_f16, "Q4_K_M", Imatrix.load(smol_imatrix), tensor_types=["ffn_down=q8_0"])
+    assert mix == file_types(out)
+
+
+def test_groups_split_layers_into_bands() -> None:
+    assert tensor_group("blk.0.ffn_down.weight", 30) == "ffn_down@0"
+    assert tensor_group("blk.29.ffn_down.weight", 30) == f"ffn_down@{BANDS - 1}"
+    assert tensor_group("blk.15.attn_q.weight", 30) == "attn_q@1"
+    assert tensor_group("token_embd.weight", 30) == "token_embd"
+    assert tensor_group("output.weight", 30) == "output"
+
+
+def test_probe_equals_the_written_file(
+    smollm2_f16: Path, smol_imatrix: Path, calib_text: Path, tmp_path: Path
+) -> None:
+    """The in-memory probe of a mix measures what llama.cpp's writer + llqx eval measure on that file."""
+    im = Imatrix.load(smol_imatrix)
+    mix = [(f"blk.{i}.{k}.weight", int(gguf.GGMLQuantizationType.Q4_0))
+           for i in (0, 1, 17) for k in ("attn_q", "ffn_down", "ffn_up")]
+    mix.append(("token_embd.weight", int(gguf.GGMLQuantizationType.Q5_0)))
+    out = tmp_path / "mix.gguf"
+    # llama.cpp applies overrides only on a quantized base type: pure Q8_0, the mix, F16 everywhere else
+    llqx.quantize(smollm2_f16, out, "Q8_0", pure=True, imatrix=im,
+                  tensor_types=[*((f"^{n}$", t) for n, t in mix), (".", "F16")])
+    assert {n: file_types(out)[n] for n, _ in mix} == dict(mix)
+    cal = Calibration(calib_text, chunks=2, ctx=256, threads=2)
+    res = llqx.evaluate(smollm2_f16, [out], calib_text, ctx=256, chunks=2, threads=2, cache=False)
+    probe = measure_mixes(smollm2_f16, [mix, [], mix], im, cal)
+    assert probe[0] == pytest.approx(res.quants[0].kld_mean.value, rel=1e-4, abs=1e-7)
+    assert probe[1] < 1e-4  # nothing changed: only the 16-bit storage of the base rows is left
+    assert probe[2] == probe[0]  # the weights were restored between mixes
+
+
+def test_probe_threads_do_not_change_results(smollm2_f16: Path, smol_imatrix: Path, calib_text: Path) -> None:
+    im = Imatrix.load(smol_imatrix)
+    mix = [("blk.3.ffn_gate.weight", int(gguf.GGMLQuantizationType.IQ4_NL))]
+    one = measure_mixes(smollm2_f16, [mix], im, Calibration(calib_text, chunks=1, ctx=256, threads=1))
+    two = measure_mixes(smollm2_f16, [mix], im, Calibration(calib_text, chunks=1, ctx=256, threads=2))
+    assert one == two
+
+
+def test_probe_refuses_a_quantized_model(smol_imatrix: Path, calib_text: Path) -> None:
+    q41 = llqx.data.fetch(llqx.data.SMOLLM2_Q4_1)
+    with pytest.raises(LlqxError, match="full-precision"):
+        measure_mixes(q41, [[("blk.0.attn_q.weight", int(gguf.GGMLQuantizationType.Q4_0))]], None,
+                      Calibration(calib_text, chunks=1, ctx=256))
+
+
+def test_target_with_calibration_and_verify(
+    smollm2_f16: Path, smol_imatrix: Path, calib_text: Path, tmp_path: Path
+) -> None:
+    """Through the CLI: sensitivities measured and kept in the state file, the plan compared with the
+    nearest recipe, the kept mix written and checked with gguf-py; a second run measures nothing."""
+    state = tmp_path / "s.state"
+    out = tmp_path / "o.gguf"
+    args = ["--imatrix", smol_imatrix, "--target-bpw", "5.0", "--state-file", state, "--calibration-file",
+            calib_text, "--calibration-chunks", "2", "--verify", "--json", smollm2_f16, out]
+    r = quantize_cli(*args)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    groups = {g["group"] for g in doc["sensitivity"]}
+    assert {"token_embd", "ffn_down@0", f"attn_v@{BANDS - 1}"} <= groups
+    assert all(g["kld"] > 0 and g["factor"] > 0 for g in doc["sensitivity"])
+    v = doc["verify"]
+    assert v["recipe_bpw"] <= v["plan_bpw"] <= 5.0
+    assert v["kept"] == ("llqx" if v["plan_kld"] <= v["recipe_kld"] else v["recipe"])
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert {t["name"]: t["type"].upper() for t in doc["tensors"]} == written
+    stored = json.loads(state.read_text())["probes"]
+    assert len(stored) == 1
+    assert set(next(iter(stored.values()))) == groups
+    again = quantize_cli(*args[:-2], "--dry-run", smollm2_f16)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["sensitivity"] == doc["sensitivity"]
+
+
+def test_verify_needs_calibration_text(smollm2_f16: Path, smol_imatrix: Path, tmp_path: Path) -> None:
+    r = quantize_cli("--imatrix", smol_imatrix, "--target-bpw", "5", "--verify", smollm2_f16, tmp_path / "o.gguf")
+    assert r.returncode == 1
+    assert "--calibration-file" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o.gguf").exists()
