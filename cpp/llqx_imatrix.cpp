@@ -1,8 +1,8 @@
 #include "llqx_imatrix.h"
 
+#include "llqx_imatrix_accum.h"
 #include "llqx_llama.h"
 
-#include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml.h"
 #include "llama.h"
@@ -11,18 +11,9 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <cstring>
-#include <map>
 #include <thread>
 
-struct llqx_imatrix_stats {
-    int64_t              n_per_row = 0;
-    int64_t              n_expert  = 0;
-    std::vector<float>   in_sum2; // float, summed in llama-imatrix's order: bit-identical to its file
-    std::vector<double>  in_sum;  // double: a sum with cancellation
-    std::vector<int64_t> counts;
-};
-
+// the model, its context and the sums the context's eval callback fills
 struct llqx_imatrix_collector {
     llqx_imatrix_params params;
 
@@ -32,216 +23,10 @@ struct llqx_imatrix_collector {
 
     int32_t n_seq = 1;
 
-    std::map<std::string, llqx_imatrix_stats> stats;
-
-    // scratch for activations and expert ids that live in device memory
-    std::vector<char> src1_data;
-    std::vector<char> ids_data;
-
-    double t_collect_s = 0.0; // time spent summing activations (inside the eval callback)
+    llqx_imatrix_accum accum;
 
     std::atomic<bool> cancel{false};
-    std::atomic<bool> failed{false};
-    std::string       fail_msg;
 };
-
-// "CUDA0#blk.0.attn_k.weight#0" -> "blk.0.attn_k.weight"
-static std::string imatrix_weight_name(const char * name) {
-    const char * p = strchr(name, '#');
-    if (p == nullptr) {
-        return name;
-    }
-    p++;
-    const char * q = strchr(p, '#');
-    return q != nullptr ? std::string(p, q - p) : std::string(p);
-}
-
-static bool imatrix_all_finite(const float * x, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) {
-        if (!std::isfinite(x[j])) {
-            return false;
-        }
-    }
-    return true;
-}
-
-// the hot loop: one activation row into the sums. Σx² is summed in float exactly as llama-imatrix does
-// (same operations, same order), so the file's in_sum2 and every quantization made with it are identical
-// to upstream's; Σx, whose terms cancel, is summed in double.
-// Built for AVX2 too where the compiler can dispatch at run time: plain adds and multiplies
-// (AVX2 without FMA), so both builds round exactly like llama-imatrix's loop.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-static void imatrix_accumulate(float * GGML_RESTRICT s2, double * GGML_RESTRICT s1, const float * GGML_RESTRICT x, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) {
-        s2[j] += x[j] * x[j];
-        s1[j] += (double) x[j];
-    }
-}
-
-static void imatrix_fail(llqx_imatrix_collector * col, const std::string & msg) {
-    if (!col->failed.exchange(true)) {
-        col->fail_msg = msg;
-    }
-}
-
-static bool imatrix_want(llqx_imatrix_collector * col, const ggml_tensor * t, const std::string & wname) {
-    if (t->op == GGML_OP_MUL_MAT_ID) {
-        return true;
-    }
-    if (t->op != GGML_OP_MUL_MAT) {
-        return false;
-    }
-    const ggml_tensor * src1 = t->src[1];
-    // like llama-imatrix: small batches (< 16 rows) and non-F32 activations are not collected
-    if (src1->ne[1] < 16 || src1->type != GGML_TYPE_F32) {
-        return false;
-    }
-    return wname.compare(0, 4, "blk.") == 0 || (col->params.process_output && wname == "output.weight");
-}
-
-static bool imatrix_collect_mul_mat_id(llqx_imatrix_collector * col, const ggml_tensor * t, const std::string & wname,
-                                       const char * data) {
-    const ggml_tensor * src0 = t->src[0];
-    const ggml_tensor * src1 = t->src[1];
-    const ggml_tensor * ids  = t->src[2];
-
-    // ids -> [n_expert_used, n_tokens], src1 -> [cols, n_expert_used or 1, n_tokens]
-    const int64_t n_as     = src0->ne[2];
-    const int64_t n_ids    = ids->ne[0];
-    const int64_t ne0      = src1->ne[0];
-    const int64_t n_tokens = src1->ne[2];
-
-    if (ids->ne[1] != n_tokens || ggml_nrows(src1) != src1->ne[1] * src1->ne[2] || ids->type != GGML_TYPE_I32) {
-        imatrix_fail(col, "unsupported layout of the expert matrix multiplication for " + wname);
-        return false;
-    }
-
-    col->ids_data.resize(ggml_nbytes(ids));
-    ggml_backend_tensor_get(ids, col->ids_data.data(), 0, ggml_nbytes(ids));
-
-    llqx_imatrix_stats & e = col->stats[wname];
-    if (e.in_sum2.empty()) {
-        e.n_per_row = ne0;
-        e.n_expert  = n_as;
-        e.in_sum2.assign(ne0 * n_as, 0.0f);
-        e.in_sum.assign(ne0 * n_as, 0.0);
-        e.counts.assign(n_as, 0);
-    } else if (e.n_per_row != ne0 || e.n_expert != n_as) {
-        imatrix_fail(col, "inconsistent size for " + wname);
-        return false;
-    }
-
-    std::vector<uint8_t> touched(n_as, 0);
-    for (int64_t idx = 0; idx < n_ids; ++idx) {
-        for (int64_t row = 0; row < n_tokens; ++row) {
-            const int32_t ex = *(const int32_t *) (col->ids_data.data() + row * ids->nb[1] + idx * ids->nb[0]);
-            if (ex < 0 || ex >= n_as) {
-                imatrix_fail(col, "expert id out of range in " + wname);
-                return false;
-            }
-            const int64_t i11 = idx % src1->ne[1];
-            const float * x   = (const float *) (data + i11 * src1->nb[1] + row * src1->nb[2]);
-            imatrix_accumulate(e.in_sum2.data() + ex * ne0, e.in_sum.data() + ex * ne0, x, ne0);
-            e.counts[ex]++;
-            touched[ex] = 1;
-        }
-    }
-    // a non-finite activation makes its sums non-finite: one check per expert, not per row
-    for (int64_t ex = 0; ex < n_as; ++ex) {
-        if (touched[ex] && !imatrix_all_finite(e.in_sum2.data() + ex * ne0, ne0)) {
-            imatrix_fail(col, "non-finite activations in the input of " + wname);
-            return false;
-        }
-    }
-    return true;
-}
-
-static bool imatrix_collect_mul_mat(llqx_imatrix_collector * col, const ggml_tensor * t, const std::string & wname,
-                                    const char * data) {
-    const ggml_tensor * src0 = t->src[0];
-    const ggml_tensor * src1 = t->src[1];
-
-    const int64_t n_mat = src0->ne[2] * src0->ne[3];
-    const int64_t ne0   = src1->ne[0];
-
-    llqx_imatrix_stats & e = col->stats[wname];
-    if (e.in_sum2.empty()) {
-        e.n_per_row = ne0;
-        e.n_expert  = n_mat;
-        e.in_sum2.assign(ne0 * n_mat, 0.0f);
-        e.in_sum.assign(ne0 * n_mat, 0.0);
-        e.counts.assign(1, 0);
-    } else if (e.n_per_row != ne0 || e.n_expert != n_mat) {
-        imatrix_fail(col, "inconsistent size for " + wname);
-        return false;
-    }
-
-    for (int64_t i3 = 0; i3 < src1->ne[3]; ++i3) {
-        for (int64_t i2 = 0; i2 < src1->ne[2]; ++i2) {
-            // 3-D+ activations of a 2-D weight are flattened into its one matrix
-            const int64_t mat_id = (i3 % src0->ne[3]) * src0->ne[2] + (i2 % src0->ne[2]);
-            float *  s2 = e.in_sum2.data() + mat_id * ne0;
-            double * s1 = e.in_sum.data()  + mat_id * ne0;
-            for (int64_t row = 0; row < src1->ne[1]; ++row) {
-                const float * x = (const float *) (data + row * src1->nb[1] + i2 * src1->nb[2] + i3 * src1->nb[3]);
-                imatrix_accumulate(s2, s1, x, ne0);
-            }
-        }
-    }
-    if (!imatrix_all_finite(e.in_sum2.data(), (int64_t) e.in_sum2.size())) {
-        imatrix_fail(col, "non-finite activations in the input of " + wname);
-        return false;
-    }
-    // one count per dense tensor, like llama-imatrix (rows per matrix)
-    for (auto & c : e.counts) {
-        c += ggml_nrows(src1) / n_mat;
-    }
-    return true;
-}
-
-static bool imatrix_eval_cb(ggml_tensor * t, bool ask, void * user_data) {
-    auto * col = (llqx_imatrix_collector *) user_data;
-    if (col->failed.load()) {
-        return false;
-    }
-    const ggml_tensor * src0 = t->src[0];
-    if (src0 == nullptr || t->src[1] == nullptr) {
-        return ask ? false : true;
-    }
-    const std::string wname = imatrix_weight_name(src0->name);
-    if (ask) {
-        return imatrix_want(col, t, wname);
-    }
-
-    const ggml_tensor * src1 = t->src[1];
-    if (src1->type != GGML_TYPE_F32 || src1->nb[0] != sizeof(float)) {
-        imatrix_fail(col, "activations of " + wname + " are not contiguous F32 rows");
-        return false;
-    }
-    const auto t0 = std::chrono::steady_clock::now();
-    struct timer {
-        llqx_imatrix_collector * col;
-        std::chrono::steady_clock::time_point t0;
-        ~timer() { col->t_collect_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); }
-    } guard{ col, t0 };
-    const bool is_host = src1->buffer == nullptr || ggml_backend_buffer_is_host(src1->buffer);
-    const char * data = (const char *) src1->data;
-    if (!is_host) {
-        col->src1_data.resize(ggml_nbytes(src1));
-        ggml_backend_tensor_get(src1, col->src1_data.data(), 0, ggml_nbytes(src1));
-        data = col->src1_data.data();
-    }
-    if (t->op == GGML_OP_MUL_MAT_ID) {
-        return imatrix_collect_mul_mat_id(col, t, wname, data);
-    }
-    return imatrix_collect_mul_mat(col, t, wname, data);
-}
-
-static bool imatrix_abort_cb(void * user_data) {
-    return ((llqx_imatrix_collector *) user_data)->failed.load();
-}
 
 void llqx_imatrix_free(llqx_imatrix_collector * col) {
     if (col == nullptr) {
@@ -275,6 +60,7 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, l
     }
     auto * col = new llqx_imatrix_collector();
     col->params = params;
+    col->accum.process_output = params.process_output;
 
     col->model = llqx_model_load(params.model_path, params.n_gpu_layers, params.repack, false, err);
     if (col->model == nullptr) {
@@ -300,10 +86,10 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, l
     cparams.n_ubatch          = params.n_ubatch;
     cparams.n_threads         = params.n_threads;
     cparams.n_threads_batch   = params.n_threads;
-    cparams.cb_eval           = imatrix_eval_cb;
-    cparams.cb_eval_user_data = col;
-    cparams.abort_callback      = imatrix_abort_cb;
-    cparams.abort_callback_data = col;
+    cparams.cb_eval           = llqx_imatrix_accum_cb_eval;
+    cparams.cb_eval_user_data = &col->accum;
+    cparams.abort_callback      = llqx_imatrix_accum_cb_abort;
+    cparams.abort_callback_data = &col->accum;
     cparams.no_perf           = false;
     cparams.swa_full          = false; // llama-imatrix's (common) default
     col->ctx = llama_init_from_model(col->model, cparams);
@@ -384,7 +170,7 @@ bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> &
                       llqx_imatrix_run_result & result, llqx_error & err) {
     result = llqx_imatrix_run_result();
     col->cancel.store(false);
-    col->t_collect_s = 0.0;
+    col->accum.t_collect_s = 0.0;
 
     const int32_t n_ctx = col->params.n_ctx;
     if (n_chunk <= 0 || (int64_t) n_chunk * n_ctx > (int64_t) tokens_in.size()) {
@@ -448,8 +234,8 @@ bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> &
             }
 
             const int32_t ret = llama_decode(col->ctx, batch);
-            if (col->failed.load()) {
-                err = { LLQX_STATUS_CORE, col->fail_msg };
+            if (col->accum.failed.load()) {
+                err = { LLQX_STATUS_CORE, col->accum.fail_msg };
                 ok = false;
                 break;
             }
@@ -502,7 +288,7 @@ bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> &
     }
 
     llama_batch_free(batch);
-    result.t_collect_s = col->t_collect_s;
+    result.t_collect_s = col->accum.t_collect_s;
     if (!ok) {
         return false;
     }
@@ -519,21 +305,5 @@ bool llqx_imatrix_run(llqx_imatrix_collector * col, const std::vector<int32_t> &
 }
 
 void llqx_imatrix_entries(const llqx_imatrix_collector * col, std::vector<llqx_imatrix_sums> & out) {
-    out.clear();
-    out.reserve(col->stats.size());
-    for (const auto & kv : col->stats) {
-        llqx_imatrix_sums e;
-        e.name      = kv.first;
-        e.n_per_row = kv.second.n_per_row;
-        e.n_expert  = kv.second.n_expert;
-        e.in_sum2   = kv.second.in_sum2;
-        e.in_sum    = kv.second.in_sum;
-        e.counts    = kv.second.counts;
-        if ((int64_t) e.counts.size() != e.n_expert) {
-            // a dense 3-D weight has one count: its matrices form one row, like llama-imatrix writes it
-            e.n_per_row = e.n_per_row * e.n_expert / (int64_t) e.counts.size();
-            e.n_expert  = (int64_t) e.counts.size();
-        }
-        out.push_back(std::move(e));
-    }
+    llqx_imatrix_accum_entries(col->accum, out);
 }

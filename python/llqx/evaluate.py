@@ -13,7 +13,8 @@ full distribution (KLD needs it; top-k would bias it) at 2 bytes per vocabulary 
 quantization step of ≤ 2.5e-4 nats, and gives exactly the numbers llama-perplexity gives. The
 ``.npz`` holds the tokens, the exact per-token NLL of the base and the settings. The key hashes the
 format version, the base model's identity (size and sampled content), the text's sha256, ``ctx`` and
-the chunk count; both files are written to temporary names and renamed.
+the chunk count; both files are written to temporary names and renamed. The statistics over the
+per-token values are in ``evaluate_stats.py``.
 """
 
 from __future__ import annotations
@@ -34,20 +35,13 @@ from . import log as _log
 from .atomic import atomic_path
 from .data import cache_dir
 from .errors import LlqxError
+from .evaluate_stats import Estimate, mean_and_err, token_statistics
 from .model import inspect
 
 CACHE_VERSION = 1
 
 # on_progress(stage, done_chunks, total_chunks): stage is "base" or the quant's path
 ProgressFn = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A value and its standard error (None where no error estimate exists, e.g. a maximum)."""
-
-    value: float
-    err: float | None = None
 
 
 @dataclass
@@ -112,94 +106,6 @@ def model_identity(path: Path) -> str:
             f.seek(max(0, (size - block) * i // 63))
             digest.update(f.read(block))
     return digest.hexdigest()
-
-
-def _mean_and_err(values: np.ndarray) -> Estimate:
-    """llama-perplexity's mean_and_uncertainty: the mean and sqrt(var/(n-1)) (0 for n <= 10)."""
-    n = values.size
-    if n < 1:
-        return Estimate(0.0, 0.0)
-    f = float(values.sum() / n)
-    df = float((values * values).sum() / n) - f * f
-    return Estimate(f, math.sqrt(df / (n - 1)) if df > 0 and n > 10 else 0.0)
-
-
-def _percentile(sorted_values: np.ndarray, fraction: float) -> float:
-    """llama-perplexity's percentile: linear interpolation on the sorted values."""
-    if fraction <= 0:
-        return float(sorted_values[0])
-    if fraction >= 1:
-        return float(sorted_values[-1])
-    p = fraction * (sorted_values.size - 1)
-    ip = int(p)
-    p -= ip
-    return float((1 - p) * sorted_values[ip] + p * sorted_values[min(ip + 1, sorted_values.size - 1)])
-
-
-def _median(sorted_values: np.ndarray) -> float:
-    n = sorted_values.size
-    return float(
-        0.5 * (sorted_values[n // 2] + sorted_values[n // 2 - 1]) if n % 2 == 0 else sorted_values[n // 2]
-    )
-
-
-def _bootstrap_err(values: np.ndarray, stat: Callable[[np.ndarray], float], n_boot: int = 200) -> float:
-    """Standard error of a quantile by a seeded bootstrap over tokens (deterministic)."""
-    rng = np.random.default_rng(20240917)
-    n = values.size
-    if n < 10:
-        return 0.0
-    out = np.empty(n_boot)
-    for b in range(n_boot):
-        out[b] = stat(np.sort(values[rng.integers(0, n, n)]))
-    return float(out.std(ddof=1))
-
-
-def token_statistics(
-    nll: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, p_diff: np.ndarray, same_top: np.ndarray
-) -> dict[str, object]:
-    """Aggregate per-token values into llama-perplexity's --kl-divergence statistics."""
-    nll = nll.astype(np.float64)
-    nll_base = nll_base.astype(np.float64)
-    kld64 = kld.astype(np.float64)
-    p_diff64 = p_diff.astype(np.float64)
-    n = nll.size
-    if n < 2:
-        raise LlqxError("too few scored tokens for statistics")
-    log_ppl = _mean_and_err(nll)
-    log_ppl_base = _mean_and_err(nll_base)
-    cov = (
-        float((nll * nll_base).sum() / n - (nll.sum() / n) * (nll_base.sum() / n)) / (n - 1)
-        if n >= 10
-        else 0.0
-    )
-    denom = (log_ppl.err or 0.0) * (log_ppl_base.err or 0.0)
-    rho = cov / denom if denom > 0 else 1.0
-    ppl = math.exp(log_ppl.value)
-    ppl_base = math.exp(log_ppl_base.value)
-    ln_ratio = log_ppl.value - log_ppl_base.value
-    ln_ratio_err = math.sqrt(max(0.0, (log_ppl.err or 0) ** 2 + (log_ppl_base.err or 0) ** 2 - 2.0 * cov))
-    ratio = math.exp(ln_ratio)
-    kld_sorted = np.sort(kld)
-    p_diff_mse = _mean_and_err(p_diff64 * p_diff64)
-    rms = math.sqrt(p_diff_mse.value)
-    top = float(same_top.astype(np.float64).mean())
-    return {
-        "ppl": Estimate(ppl, ppl * (log_ppl.err or 0.0)),
-        "ppl_base": Estimate(ppl_base, ppl_base * (log_ppl_base.err or 0.0)),
-        "ln_ppl_ratio": Estimate(ln_ratio, ln_ratio_err),
-        "ppl_ratio": Estimate(ratio, ratio * ln_ratio_err),
-        "rho_ppl": rho,
-        "kld_mean": _mean_and_err(kld64),
-        "kld_median": Estimate(_median(kld_sorted), _bootstrap_err(kld, _median)),
-        "kld_p99": Estimate(
-            _percentile(kld_sorted, 0.99), _bootstrap_err(kld, lambda s: _percentile(s, 0.99))
-        ),
-        "kld_max": float(kld_sorted[-1]),
-        "same_top": Estimate(top, math.sqrt(top * (1 - top) / (n - 1))),
-        "dp_rms": Estimate(rms, 0.5 / rms * (p_diff_mse.err or 0.0) if rms > 0 else 0.0),
-        "dp_mean": _mean_and_err(p_diff64),
-    }
 
 
 @dataclass
@@ -357,7 +263,7 @@ def evaluate(
     b = _base_pass(base_path, content, ctx, chunks, threads, n_gpu_layers, repack, cache, on_progress)
     base_info = infos[base_path]
     nll_b = b.nll.astype(np.float64)
-    lp = _mean_and_err(nll_b)
+    lp = mean_and_err(nll_b)
     base_result = BaseResult(
         str(base_path),
         base_info.bpw,

@@ -1,0 +1,44 @@
+// the imatrix collector's sums: Σx², Σx and token counts per weight tensor and expert, filled by
+// llama.cpp's graph eval callback; knows nothing of the model, context or chunks (llqx_imatrix.cpp)
+#pragma once
+
+#include "llqx_imatrix.h"
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+struct ggml_tensor;
+
+struct llqx_imatrix_stats {
+    int64_t              n_per_row = 0;
+    int64_t              n_expert  = 0;
+    std::vector<float>   in_sum2; // float, summed in llama-imatrix's order: bit-identical to its file
+    std::vector<double>  in_sum;  // double: a sum with cancellation
+    std::vector<int64_t> counts;
+};
+
+struct llqx_imatrix_accum {
+    bool process_output = false; // also collect output.weight
+
+    std::map<std::string, llqx_imatrix_stats> stats;
+
+    // scratch for activations and expert ids that live in device memory
+    std::vector<char> src1_data;
+    std::vector<char> ids_data;
+
+    double t_collect_s = 0.0; // time spent summing activations (inside the eval callback)
+
+    // the first failure inside the callback; the decode is aborted and the run reports fail_msg
+    std::atomic<bool> failed{false};
+    std::string       fail_msg;
+};
+
+// llama_context_params.cb_eval and .abort_callback, with user data a llqx_imatrix_accum
+bool llqx_imatrix_accum_cb_abort(void * user_data);
+bool llqx_imatrix_accum_cb_eval(ggml_tensor * t, bool ask, void * user_data);
+
+// snapshot of the sums, sorted by tensor name (a dense 3-D weight as one row per count)
+void llqx_imatrix_accum_entries(const llqx_imatrix_accum & acc, std::vector<llqx_imatrix_sums> & out);
