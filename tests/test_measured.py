@@ -12,13 +12,12 @@ import gguf
 import pytest
 
 import llqx
+from conftest import subprocess_env
 from llqx import Imatrix
 from llqx.errors import LlqxError
 from llqx.probe import Calibration, measure_mixes
 from llqx.sensitivity import BANDS, tensor_group
 from llqx.verify import recipe_mix
-
-from conftest import subprocess_env
 
 
 def file_types(path: Path) -> dict[str, int]:

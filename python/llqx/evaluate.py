@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from . import _core
-from . import log as _log
 from .atomic import atomic_path
 from .data import cache_dir
-from .errors import LlqxError
+from .errors import LlqxError, core_call
 from .evaluate_stats import Estimate, mean_and_err, token_statistics
 from .model import inspect
 
@@ -130,18 +129,6 @@ def _read_text(text: str | os.PathLike[str]) -> tuple[str, str]:
     return "<text>", text
 
 
-def _core_call(fn: Callable[..., object], *args: object, **kwargs: object) -> object:
-    _log.recent_errors.clear()  # so that a failure names the reason llama.cpp logged for this call
-    try:
-        return fn(*args, **kwargs)
-    except (_core.LoadError, RuntimeError, ValueError) as exc:
-        msg = str(exc)
-        if isinstance(exc, _core.LoadError):
-            cause = _log.last_error("")
-            msg = f"{msg}: {cause}" if cause else msg
-        raise LlqxError(msg) from None
-
-
 def _base_pass(
     base: Path,
     content: str,
@@ -180,7 +167,7 @@ def _base_pass(
             pass  # a corrupt cache entry is recomputed
 
     t0 = time.perf_counter()
-    all_tokens, n_vocab = _core_call(_core.eval_tokenize, str(base), content)  # type: ignore[misc]
+    all_tokens, n_vocab = core_call(_core.eval_tokenize, str(base), content)  # type: ignore[misc]
     if all_tokens.size < 2 * ctx:
         raise LlqxError(
             f"the text tokenizes to only {all_tokens.size} tokens; a context of {ctx} needs at "
@@ -196,13 +183,13 @@ def _base_pass(
     progress = (lambda d, t: on_progress("base", d, t)) if on_progress else None
     if not cache:
         rows: np.ndarray = np.zeros((n_rows, row_size), dtype=np.uint16)
-        _core_call(_core.eval_base, str(base), tokens, n_chunk, rows, nll, n_vocab, ctx, threads, n_gpu_layers,
+        core_call(_core.eval_base, str(base), tokens, n_chunk, rows, nll, n_vocab, ctx, threads, n_gpu_layers,
                    repack, progress)
         return _Base(tokens, rows, nll, n_vocab, n_chunk, time.perf_counter() - t0, False)
     # rows straight into the cache file (it can be GBs); both files appear only once complete
     with atomic_path(rows_path) as rows_tmp, atomic_path(meta_path) as meta_tmp:
         rows = np.memmap(rows_tmp, dtype=np.uint16, mode="w+", shape=(n_rows, row_size))
-        _core_call(_core.eval_base, str(base), tokens, n_chunk, rows, nll, n_vocab, ctx, threads, n_gpu_layers,
+        core_call(_core.eval_base, str(base), tokens, n_chunk, rows, nll, n_vocab, ctx, threads, n_gpu_layers,
                    repack, progress)
         rows.flush()
         del rows
@@ -277,7 +264,7 @@ def evaluate(
     for q in quant_paths:
         t0 = time.perf_counter()
         progress = (lambda d, t, q=q: on_progress(str(q), d, t)) if on_progress else None
-        per_token = _core_call(
+        per_token = core_call(
             _core.eval_compare,
             str(q),
             b.tokens,
