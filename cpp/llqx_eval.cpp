@@ -1,6 +1,7 @@
 #include "llqx_eval.h"
 
 #include "llqx_llama.h"
+#include "llqx_parallel.h"
 
 #include "llama.h"
 
@@ -8,7 +9,6 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
-#include <thread>
 
 namespace {
 
@@ -18,8 +18,25 @@ struct model_deleter {
 struct context_deleter {
     void operator()(llama_context * c) const { llama_free(c); }
 };
+struct session_deleter {
+    void operator()(llqx_eval_session * s) const { llqx_eval_session_free(s); }
+};
 using model_ptr   = std::unique_ptr<llama_model, model_deleter>;
 using context_ptr = std::unique_ptr<llama_context, context_deleter>;
+
+} // namespace
+
+struct llqx_eval_session {
+    model_ptr           model;
+    context_ptr         ctx;
+    const llama_vocab * vocab     = nullptr;
+    int32_t             n_ctx     = 0;
+    int32_t             n_vocab   = 0;
+    int32_t             n_threads = 1;
+    bool                add_bos   = false;
+};
+
+namespace {
 
 // same rounding as llama-perplexity's nearest_int (valid for |fval| < 2^22)
 inline int nearest_int(float fval) {
@@ -113,78 +130,12 @@ token_result compare_row(int32_t n_vocab, const float * logits, const uint16_t *
     return r;
 }
 
-// run fn(i) for i in [0, n) on n_threads threads; each i is independent, so results do not depend
-// on the thread count
-template <typename F>
-void parallel_for(int32_t n, int32_t n_threads, F fn) {
-    n_threads = std::max(1, std::min(n_threads, n));
-    if (n_threads == 1) {
-        for (int32_t i = 0; i < n; ++i) {
-            fn(i);
-        }
-        return;
-    }
-    std::vector<std::thread> workers;
-    workers.reserve(n_threads - 1);
-    for (int32_t t = 1; t < n_threads; ++t) {
-        workers.emplace_back([=, &fn] {
-            for (int32_t i = t; i < n; i += n_threads) {
-                fn(i);
-            }
-        });
-    }
-    for (int32_t i = 0; i < n; i += n_threads) {
-        fn(i);
-    }
-    for (auto & w : workers) {
-        w.join();
-    }
-}
-
 // decodes each chunk as llama-perplexity does (KV cleared, BOS in front when the vocab adds one,
-// logits for the second half) and hands the logits of positions n_ctx/2.. to on_chunk(chunk, logits, n_vocab)
+// logits for the second half) and hands the logits of positions n_ctx/2.. to on_chunk(chunk, logits)
 template <typename F>
-bool run_chunks(const std::string & model_path, const llqx_eval_params & params, const int32_t * tokens,
-                int32_t n_chunk, int32_t expect_vocab, llqx_eval_progress_t progress, void * user_data,
-                F on_chunk, llqx_error & err) {
-    const int32_t n_ctx = params.n_ctx;
-    if (n_ctx < 4) {
-        err = { LLQX_STATUS_INPUT, "context size must be at least 4 tokens" };
-        return false;
-    }
-    model_ptr model(llqx_model_load(model_path, params.n_gpu_layers, params.repack, false, err));
-    if (!model) {
-        return false;
-    }
-    const llama_vocab * vocab = llama_model_get_vocab(model.get());
-    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
-    if (expect_vocab > 0 && n_vocab != expect_vocab) {
-        err = { LLQX_STATUS_INPUT, "vocabulary of " + model_path + " (" + std::to_string(n_vocab) +
-                " tokens) differs from the base model's (" + std::to_string(expect_vocab) + ")" };
-        return false;
-    }
-    if (llama_vocab_get_add_eos(vocab)) {
-        err = { LLQX_STATUS_INPUT,
-                "models whose vocabulary appends EOS are not supported (as in llama-perplexity)" };
-        return false;
-    }
-    const bool add_bos = llama_vocab_get_add_bos(vocab);
-
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx           = (uint32_t) n_ctx;
-    cp.n_batch         = (uint32_t) n_ctx;
-    cp.n_ubatch        = (uint32_t) std::min(n_ctx, 512);
-    cp.n_seq_max       = 1;
-    cp.n_threads       = std::max(1, params.n_threads);
-    cp.n_threads_batch = std::max(1, params.n_threads);
-    cp.no_perf         = true;
-    context_ptr ctx(llama_init_from_model(model.get(), cp));
-    if (!ctx) {
-        err = { LLQX_STATUS_CORE,
-                "failed to create a context of " + std::to_string(n_ctx) + " tokens for " + model_path };
-        return false;
-    }
-
+bool run_chunks(llqx_eval_session * s, const int32_t * tokens, int32_t n_chunk, llqx_eval_progress_t progress,
+                void * user_data, F on_chunk, llqx_error & err) {
+    const int32_t n_ctx = s->n_ctx;
     const int32_t first = n_ctx/2;
     llama_batch batch = llama_batch_init(n_ctx, 0, 1);
     std::vector<const float *> logits(n_ctx - first);
@@ -195,17 +146,17 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
             ok = false;
             break;
         }
-        llama_memory_clear(llama_get_memory(ctx.get()), true);
+        llama_memory_clear(llama_get_memory(s->ctx.get()), true);
         const int32_t * chunk = tokens + size_t(c)*n_ctx;
         batch.n_tokens = n_ctx;
         for (int32_t k = 0; k < n_ctx; ++k) {
-            batch.token[k]     = (k == 0 && add_bos) ? llama_vocab_bos(vocab) : chunk[k];
+            batch.token[k]     = (k == 0 && s->add_bos) ? llama_vocab_bos(s->vocab) : chunk[k];
             batch.pos[k]       = k;
             batch.n_seq_id[k]  = 1;
             batch.seq_id[k][0] = 0;
             batch.logits[k]    = k >= first;
         }
-        const int32_t rc = llama_decode(ctx.get(), batch);
+        const int32_t rc = llama_decode(s->ctx.get(), batch);
         if (rc != 0) {
             err = { LLQX_STATUS_CORE,
                     "llama_decode failed with status " + std::to_string(rc) + " on chunk " + std::to_string(c) };
@@ -214,7 +165,7 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
         }
         // llama_get_logits_ith synchronizes: collect the pointers here, before any worker thread reads them
         for (int32_t k = first; k < n_ctx; ++k) {
-            logits[k - first] = llama_get_logits_ith(ctx.get(), k);
+            logits[k - first] = llama_get_logits_ith(s->ctx.get(), k);
             if (!logits[k - first]) {
                 err = { LLQX_STATUS_CORE, "no logits for position " + std::to_string(k) };
                 ok = false;
@@ -222,7 +173,7 @@ bool run_chunks(const std::string & model_path, const llqx_eval_params & params,
             }
         }
         if (ok) {
-            on_chunk(c, logits, n_vocab);
+            on_chunk(c, logits);
         }
     }
     llama_batch_free(batch);
@@ -253,38 +204,96 @@ bool llqx_eval_tokenize(const std::string & model_path, const std::string & text
     return llqx_vocab_tokenize(vocab, text, true, false, tokens, err);
 }
 
-bool llqx_eval_base(const std::string & model_path, const llqx_eval_params & params,
-                    const int32_t * tokens, int32_t n_chunk, uint16_t * rows, float * nll,
-                    llqx_eval_progress_t progress, void * user_data, llqx_error & err) {
-    const int32_t n_ctx    = params.n_ctx;
+llqx_eval_session * llqx_eval_session_init(const std::string & model_path, const llqx_eval_params & params,
+                                           int32_t expect_vocab, llqx_error & err) {
+    const int32_t n_ctx = params.n_ctx;
+    if (n_ctx < 4) {
+        err = { LLQX_STATUS_INPUT, "context size must be at least 4 tokens" };
+        return nullptr;
+    }
+    std::unique_ptr<llqx_eval_session> s(new llqx_eval_session);
+    s->model.reset(params.writable ? llqx_model_load_writable(model_path, params.n_gpu_layers, err)
+                                   : llqx_model_load(model_path, params.n_gpu_layers, params.repack, false, err));
+    if (!s->model) {
+        return nullptr;
+    }
+    s->vocab = llama_model_get_vocab(s->model.get());
+    s->n_vocab = llama_vocab_n_tokens(s->vocab);
+    if (expect_vocab > 0 && s->n_vocab != expect_vocab) {
+        err = { LLQX_STATUS_INPUT, "vocabulary of " + model_path + " (" + std::to_string(s->n_vocab) +
+                " tokens) differs from the base model's (" + std::to_string(expect_vocab) + ")" };
+        return nullptr;
+    }
+    if (llama_vocab_get_add_eos(s->vocab)) {
+        err = { LLQX_STATUS_INPUT,
+                "models whose vocabulary appends EOS are not supported (as in llama-perplexity)" };
+        return nullptr;
+    }
+    s->add_bos   = llama_vocab_get_add_bos(s->vocab);
+    s->n_ctx     = n_ctx;
+    s->n_threads = std::max(1, params.n_threads);
+
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx           = (uint32_t) n_ctx;
+    cp.n_batch         = (uint32_t) n_ctx;
+    cp.n_ubatch        = (uint32_t) std::min(n_ctx, 512);
+    cp.n_seq_max       = 1;
+    cp.n_threads       = s->n_threads;
+    cp.n_threads_batch = s->n_threads;
+    cp.no_perf         = true;
+    if (params.writable) {
+        cp.op_offload = false;
+    }
+    cp.cb_eval           = params.cb_eval;
+    cp.cb_eval_user_data = params.cb_eval_user_data;
+    s->ctx.reset(llama_init_from_model(s->model.get(), cp));
+    if (!s->ctx) {
+        err = { LLQX_STATUS_CORE,
+                "failed to create a context of " + std::to_string(n_ctx) + " tokens for " + model_path };
+        return nullptr;
+    }
+    return s.release();
+}
+
+void llqx_eval_session_free(llqx_eval_session * s) {
+    delete s;
+}
+
+int32_t llqx_eval_session_n_vocab(const llqx_eval_session * s) {
+    return s->n_vocab;
+}
+
+bool llqx_eval_session_base(llqx_eval_session * s, const int32_t * tokens, int32_t n_chunk, uint16_t * rows,
+                            float * nll, llqx_eval_progress_t progress, void * user_data, llqx_error & err) {
+    const int32_t n_ctx    = s->n_ctx;
+    const int32_t n_vocab  = s->n_vocab;
     const int32_t first    = n_ctx/2;
     const int32_t n_scored = llqx_eval_n_scored(n_ctx);
-    return run_chunks(model_path, params, tokens, n_chunk, 0, progress, user_data,
-        [&](int32_t c, const std::vector<const float *> & logits, int32_t n_vocab) {
-            const int64_t nv = llqx_eval_row_size(n_vocab);
+    const int64_t nv       = llqx_eval_row_size(n_vocab);
+    return run_chunks(s, tokens, n_chunk, progress, user_data,
+        [&](int32_t c, const std::vector<const float *> & logits) {
             const int32_t * chunk = tokens + size_t(c)*n_ctx;
-            parallel_for(n_scored, params.n_threads, [&](int32_t i) {
+            llqx_parallel_for(n_scored, s->n_threads, [&](int32_t i) {
                 const size_t t = size_t(c)*n_scored + i;
                 nll[t] = base_row_fill(n_vocab, logits[i], rows + t*nv, chunk[first + i + 1]);
             });
         }, err);
 }
 
-bool llqx_eval_compare(const std::string & model_path, const llqx_eval_params & params,
-                       const int32_t * tokens, int32_t n_chunk, const uint16_t * rows, int32_t n_vocab,
-                       const llqx_eval_token_stats & out,
-                       llqx_eval_progress_t progress, void * user_data, llqx_error & err) {
-    const int32_t n_ctx    = params.n_ctx;
+bool llqx_eval_session_compare(llqx_eval_session * s, const int32_t * tokens, int32_t n_chunk,
+                               const uint16_t * rows, const llqx_eval_token_stats & out,
+                               llqx_eval_progress_t progress, void * user_data, llqx_error & err) {
+    const int32_t n_ctx    = s->n_ctx;
+    const int32_t n_vocab  = s->n_vocab;
     const int32_t first    = n_ctx/2;
     const int32_t n_scored = llqx_eval_n_scored(n_ctx);
     const int64_t nv       = llqx_eval_row_size(n_vocab);
-    return run_chunks(model_path, params, tokens, n_chunk, n_vocab, progress, user_data,
-        [&](int32_t c, const std::vector<const float *> & logits, int32_t /*n_vocab*/) {
+    return run_chunks(s, tokens, n_chunk, progress, user_data,
+        [&](int32_t c, const std::vector<const float *> & logits) {
             const int32_t * chunk = tokens + size_t(c)*n_ctx;
-            parallel_for(n_scored, params.n_threads, [&](int32_t i) {
+            llqx_parallel_for(n_scored, s->n_threads, [&](int32_t i) {
                 const size_t t = size_t(c)*n_scored + i;
-                const token_result r = compare_row(n_vocab, logits[i], rows + t*nv,
-                                                   chunk[first + i + 1]);
+                const token_result r = compare_row(n_vocab, logits[i], rows + t*nv, chunk[first + i + 1]);
                 out.nll[t]      = r.nll;
                 out.nll_base[t] = r.nll_base;
                 out.kld[t]      = r.kld;
@@ -292,4 +301,19 @@ bool llqx_eval_compare(const std::string & model_path, const llqx_eval_params & 
                 out.same_top[t] = r.same_top;
             });
         }, err);
+}
+
+bool llqx_eval_base(const std::string & model_path, const llqx_eval_params & params,
+                    const int32_t * tokens, int32_t n_chunk, uint16_t * rows, float * nll,
+                    llqx_eval_progress_t progress, void * user_data, llqx_error & err) {
+    std::unique_ptr<llqx_eval_session, session_deleter> s(llqx_eval_session_init(model_path, params, 0, err));
+    return s && llqx_eval_session_base(s.get(), tokens, n_chunk, rows, nll, progress, user_data, err);
+}
+
+bool llqx_eval_compare(const std::string & model_path, const llqx_eval_params & params,
+                       const int32_t * tokens, int32_t n_chunk, const uint16_t * rows, int32_t n_vocab,
+                       const llqx_eval_token_stats & out,
+                       llqx_eval_progress_t progress, void * user_data, llqx_error & err) {
+    std::unique_ptr<llqx_eval_session, session_deleter> s(llqx_eval_session_init(model_path, params, n_vocab, err));
+    return s && llqx_eval_session_compare(s.get(), tokens, n_chunk, rows, out, progress, user_data, err);
 }

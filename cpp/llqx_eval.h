@@ -9,12 +9,23 @@
 #include <string>
 #include <vector>
 
+struct ggml_tensor;
+
+// llama_context_params.cb_eval: called with ask = true for every graph node before it is computed
+typedef bool (*llqx_eval_graph_cb_t)(struct ggml_tensor * t, bool ask, void * user_data);
+
 struct llqx_eval_params {
     int32_t n_ctx        = 512; // tokens per chunk
     int32_t n_threads    = 1;   // decode and per-token math
     int32_t n_gpu_layers = 0;   // passed to llama_model_params
     bool    repack       = false; // CPU extra buffer types (repack, AMX): off by default, since ggml's
                                   // AMX path crashes on Q4_0 at this llama.cpp version (llama-perplexity -nr)
+    // for changing weights between passes (llqx_probe): the weights loaded into writable buffers in ggml's
+    // own layout (llqx_model_load_writable; repack ignored) and no op offload, so that every weight a graph
+    // node reads is the model's own tensor
+    bool                 writable          = false;
+    llqx_eval_graph_cb_t cb_eval           = nullptr;
+    void *               cb_eval_user_data = nullptr;
 };
 
 // returns false to abort the run (the function then fails with err = "aborted")
@@ -50,3 +61,21 @@ bool llqx_eval_compare(const std::string & model_path, const llqx_eval_params & 
                        const int32_t * tokens, int32_t n_chunk, const uint16_t * rows, int32_t n_vocab,
                        const llqx_eval_token_stats & out,
                        llqx_eval_progress_t progress, void * user_data, llqx_error & err);
+
+// a model loaded once with a context for chunks of params.n_ctx tokens, for several passes over the same
+// tokens (llqx_eval_base and llqx_eval_compare open one for a single pass)
+struct llqx_eval_session;
+
+// expect_vocab > 0: fail unless the model's vocabulary has that many tokens; nullptr with err set on failure
+llqx_eval_session * llqx_eval_session_init(const std::string & model_path, const llqx_eval_params & params,
+                                           int32_t expect_vocab, llqx_error & err);
+void                llqx_eval_session_free(llqx_eval_session * s);
+
+int32_t llqx_eval_session_n_vocab(const llqx_eval_session * s);
+
+// as llqx_eval_base and llqx_eval_compare, on the session's model as it is now
+bool llqx_eval_session_base(llqx_eval_session * s, const int32_t * tokens, int32_t n_chunk, uint16_t * rows,
+                            float * nll, llqx_eval_progress_t progress, void * user_data, llqx_error & err);
+bool llqx_eval_session_compare(llqx_eval_session * s, const int32_t * tokens, int32_t n_chunk,
+                               const uint16_t * rows, const llqx_eval_token_stats & out,
+                               llqx_eval_progress_t progress, void * user_data, llqx_error & err);

@@ -10,18 +10,31 @@ void llqx_backend_init(void) {
     std::call_once(once, [] { llama_backend_init(); });
 }
 
-llama_model * llqx_model_load(const std::string & path, int32_t n_gpu_layers, bool use_extra_bufts, bool vocab_only,
-                              llqx_error & err) {
+static llama_model * model_load(const std::string & path, const llama_model_params & mp, llqx_error & err) {
     llqx_backend_init();
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers    = n_gpu_layers;
-    mp.use_extra_bufts = use_extra_bufts;
-    mp.vocab_only      = vocab_only;
     llama_model * model = llama_model_load_from_file(path.c_str(), mp);
     if (model == nullptr) {
         err = { LLQX_STATUS_LOAD, "failed to load model " + path };
     }
     return model;
+}
+
+llama_model * llqx_model_load(const std::string & path, int32_t n_gpu_layers, bool use_extra_bufts, bool vocab_only,
+                              llqx_error & err) {
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers    = n_gpu_layers;
+    mp.use_extra_bufts = use_extra_bufts;
+    mp.vocab_only      = vocab_only;
+    return model_load(path, mp, err);
+}
+
+llama_model * llqx_model_load_writable(const std::string & path, int32_t n_gpu_layers, llqx_error & err) {
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers    = n_gpu_layers;
+    mp.use_extra_bufts = false;
+    mp.load_mode       = LLAMA_LOAD_MODE_NONE;
+    mp.lazy_mode       = LLAMA_LAZY_MODE_OFF;
+    return model_load(path, mp, err);
 }
 
 bool llqx_vocab_tokenize(const llama_vocab * vocab, const std::string & text, bool add_special, bool parse_special,

@@ -19,6 +19,10 @@ void llqx_backend_init(void);
 llama_model * llqx_model_load(const std::string & path, int32_t n_gpu_layers, bool use_extra_bufts, bool vocab_only,
                               llqx_error & err);
 
+// as llqx_model_load, with the weights read into plain writable buffers (no mmap, no lazy reading, no
+// repacking), so that ggml_backend_tensor_set can change them in place and they keep ggml's layout
+llama_model * llqx_model_load_writable(const std::string & path, int32_t n_gpu_layers, llqx_error & err);
+
 // llama_tokenize of the whole text (add_special: BOS/EOS as the vocabulary adds them; parse_special:
 // special-token text becomes those tokens); false with err set on failure
 bool llqx_vocab_tokenize(const llama_vocab * vocab, const std::string & text, bool add_special, bool parse_special,

@@ -28,6 +28,11 @@ void error_raise(const llqx_error & err) {
     throw py::error_already_set();
 }
 
+bool py_callback::progress(int32_t done, int32_t total, void * user_data) {
+    py_callback * cb = static_cast<py_callback *>(user_data);
+    return cb->call([&] { return cb->fn(done, total); });
+}
+
 void py_callback::discard(const char * where) {
     if (!error) {
         return;

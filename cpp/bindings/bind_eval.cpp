@@ -6,12 +6,6 @@
 
 namespace {
 
-// progress(done, total) -> bool|None: False or an exception stops the run
-bool eval_progress(int32_t done, int32_t total, void * user_data) {
-    auto * cb = static_cast<py_callback *>(user_data);
-    return cb->call([&] { return cb->fn(done, total); });
-}
-
 // a caller-owned array (e.g. a numpy memmap) written in place: it must already have the right dtype,
 // layout and size, since a converted copy would silently drop the results
 template <typename T>
@@ -80,7 +74,7 @@ void eval_base(const std::string & model_path, const py::array & tokens, int32_t
     {
         py::gil_scoped_release release;
         ok = llqx_eval_base(model_path, p, tok, n_chunk, rows_p, nll_p,
-                            progress.is_none() ? nullptr : eval_progress, &cb, err);
+                            progress.is_none() ? nullptr : py_callback::progress, &cb, err);
     }
     cb.rethrow();
     if (!ok) {
@@ -105,7 +99,7 @@ py::dict eval_compare(const std::string & model_path, const py::array & tokens, 
     {
         py::gil_scoped_release release;
         ok = llqx_eval_compare(model_path, p, tok, n_chunk, rows_p, n_vocab, out,
-                               progress.is_none() ? nullptr : eval_progress, &cb, err);
+                               progress.is_none() ? nullptr : py_callback::progress, &cb, err);
     }
     cb.rethrow();
     if (!ok) {

@@ -18,6 +18,7 @@ void bind_imatrix(py::module_ & m);
 void bind_layout(py::module_ & m);
 void bind_log(py::module_ & m);
 void bind_model(py::module_ & m);
+void bind_probe(py::module_ & m);
 void bind_quantize(py::module_ & m);
 void bind_score(py::module_ & m);
 void bind_types(py::module_ & m);
@@ -57,6 +58,9 @@ struct py_callback {
             std::rethrow_exception(e);
         }
     }
+
+    // a core progress callback (llqx_eval_progress_t) whose user_data is a py_callback: calls fn(done, total)
+    static bool progress(int32_t done, int32_t total, void * user_data);
 
     // for a callback no Python caller waits on (the log sink): report the kept exception through
     // sys.unraisablehook and forget it, so later calls go ahead

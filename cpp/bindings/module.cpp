@@ -8,6 +8,7 @@ PYBIND11_MODULE(_core, m) {
     bind_layout(m);
     bind_log(m);
     bind_model(m);
+    bind_probe(m);
     bind_quantize(m);
     bind_score(m);
     bind_types(m);

@@ -37,6 +37,14 @@ def log_set(callback: Callable[[int, str], None] | None) -> None: ...
 
 def model_inspect(path: str) -> dict[str, Any]: ...
 
+# ---- probe (bind_probe.cpp) ------------------------------------------------------------------
+
+def probe_mixes(
+    model_path: str, tokens: npt.NDArray[np.int32], n_ctx: int,
+    mixes: Sequence[Sequence[tuple[str, int] | tuple[str, int, npt.ArrayLike | None]]],
+    n_threads: int = 0, n_gpu_layers: int = 0, progress: Callable[[int, int], bool | None] | None = None,
+) -> dict[str, Any]: ...  # kld, nll: float64 array per mix; nll_base: float; n_tokens: int
+
 # ---- quantize (bind_quantize.cpp) ------------------------------------------------------------
 
 class KvOverride:
