@@ -112,11 +112,12 @@ def measure_mixes(
                          progress)
 
     try:
-        kld, interrupted = run_in_worker(work, name="llqx-probe", cancel=stop.set)
+        result, interrupted = run_in_worker(work, name="llqx-probe", cancel=stop.set)
     except LlqxError:
         if stop.is_set():
             raise KeyboardInterrupt from None
         raise
     if interrupted:
         raise KeyboardInterrupt
-    return [float(x) for x in np.asarray(kld, dtype=np.float64)]
+    assert isinstance(result, dict)
+    return [float(x) for x in np.asarray(result["kld"], dtype=np.float64)]
