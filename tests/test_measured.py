@@ -11,11 +11,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-import llqx
 from conftest import subprocess_env
-from llqx import Imatrix
-from llqx.errors import LlqxError
-from llqx.probe import Calibration, measure_mixes
+from llqx import Imatrix, data
 from llqx.sensitivity import BANDS, tensor_group
 from llqx.verify import recipe_mix
 
@@ -60,40 +57,16 @@ def test_groups_split_layers_into_bands() -> None:
     assert tensor_group("output.weight", 30) == "output"
 
 
-def test_probe_equals_the_written_file(
-    smollm2_f16: Path, smol_imatrix: Path, calib_text: Path, tmp_path: Path
-) -> None:
-    """The in-memory probe of a mix measures what llama.cpp's writer + llqx eval measure on that file."""
-    im = Imatrix.load(smol_imatrix)
-    mix = [(f"blk.{i}.{k}.weight", int(gguf.GGMLQuantizationType.Q4_0))
-           for i in (0, 1, 17) for k in ("attn_q", "ffn_down", "ffn_up")]
-    mix.append(("token_embd.weight", int(gguf.GGMLQuantizationType.Q5_0)))
-    out = tmp_path / "mix.gguf"
-    # llama.cpp applies overrides only on a quantized base type: pure Q8_0, the mix, F16 everywhere else
-    llqx.quantize(smollm2_f16, out, "Q8_0", pure=True, imatrix=im,
-                  tensor_types=[*((f"^{n}$", t) for n, t in mix), (".", "F16")])
-    assert {n: file_types(out)[n] for n, _ in mix} == dict(mix)
-    cal = Calibration(calib_text, chunks=2, ctx=256, threads=2)
-    res = llqx.evaluate(smollm2_f16, [out], calib_text, ctx=256, chunks=2, threads=2, cache=False)
-    probe = measure_mixes(smollm2_f16, [mix, [], mix], im, cal)
-    assert probe[0] == pytest.approx(res.quants[0].kld_mean.value, rel=1e-4, abs=1e-7)
-    assert probe[1] < 1e-4  # nothing changed: only the 16-bit storage of the base rows is left
-    assert probe[2] == probe[0]  # the weights were restored between mixes
-
-
-def test_probe_threads_do_not_change_results(smollm2_f16: Path, smol_imatrix: Path, calib_text: Path) -> None:
-    im = Imatrix.load(smol_imatrix)
-    mix = [("blk.3.ffn_gate.weight", int(gguf.GGMLQuantizationType.IQ4_NL))]
-    one = measure_mixes(smollm2_f16, [mix], im, Calibration(calib_text, chunks=1, ctx=256, threads=1))
-    two = measure_mixes(smollm2_f16, [mix], im, Calibration(calib_text, chunks=1, ctx=256, threads=2))
-    assert one == two
-
-
-def test_probe_refuses_a_quantized_model(smol_imatrix: Path, calib_text: Path) -> None:
-    q41 = llqx.data.fetch(llqx.data.SMOLLM2_Q4_1)
-    with pytest.raises(LlqxError, match="full-precision"):
-        measure_mixes(q41, [[("blk.0.attn_q.weight", int(gguf.GGMLQuantizationType.Q4_0))]], None,
-                      Calibration(calib_text, chunks=1, ctx=256))
+def test_calibration_refuses_a_quantized_model(smol_imatrix: Path, calib_text: Path, tmp_path: Path) -> None:
+    """Probes need full-precision weights: said in one line before anything is scored."""
+    q41 = data.fetch(data.SMOLLM2_Q4_1)
+    state = tmp_path / "s.state"
+    r = quantize_cli("--imatrix", smol_imatrix, "--target-bpw", "5", "--allow-requantize", "--state-file", state,
+                     "--calibration-file", calib_text, q41, tmp_path / "o.gguf")
+    assert r.returncode == 1
+    assert "full-precision" in r.stderr.strip().splitlines()[-1]
+    assert not state.exists()
+    assert not (tmp_path / "o.gguf").exists()
 
 
 def test_target_with_calibration_and_verify(
