@@ -119,24 +119,22 @@ def parse_candidates(text: str) -> str:
     return text
 
 
-def parse_calibration_chunks(text: str) -> int:
+def _positive_count(text: str, option: str, unit: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value <= 0:
-        raise LlqxError(f"invalid --calibration-chunks '{text}' (a positive number of chunks)")
+        raise LlqxError(f"invalid {option} '{text}' (a positive number of {unit})")
     return value
+
+
+def parse_calibration_chunks(text: str) -> int:
+    return _positive_count(text, "--calibration-chunks", "chunks")
 
 
 def parse_score_elements(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise LlqxError(f"invalid --score-elements '{text}' (a positive number of elements)")
-    return value
+    return _positive_count(text, "--score-elements", "elements")
 
 
 @dataclass

@@ -123,16 +123,8 @@ def prepare(req: QuantizeRequest, im: Imatrix) -> Scores:
 
 def pins_of(req: QuantizeRequest) -> dict[str, Any]:
     """The plan's options besides the target (Scores.plan / check_target): pins, budgets, ties, bounds."""
-    return {
-        "tensor_types": req.tensor_types,
-        "output_tensor_type": req.output_tensor_type,
-        "token_embedding_type": req.token_embedding_type,
-        "leave_output_tensor": req.leave_output_tensor,
-        "budgets": req.budgets,
-        "ties": req.ties,
-        "min_types": req.min_types,
-        "max_types": req.max_types,
-    }
+    return {**writer_pins(req), "budgets": req.budgets, "ties": req.ties, "min_types": req.min_types,
+            "max_types": req.max_types}
 
 
 @dataclass
