@@ -64,7 +64,7 @@ def check_full_precision(info: ModelInfo, names: Sequence[str]) -> None:
     in full precision (F32, F16 or BF16)."""
     for name in names:
         t = info.tensor(name)
-        if ggml_type(t.type).name not in ("F32", "F16", "BF16"):
+        if ggml_type(t.type).name.upper() not in ("F32", "F16", "BF16"):
             raise LlqxError(f"measuring on the model needs a full-precision model ({name} is {t.type_name}): "
                             "leave out --calibration-file and --verify for a quantized source")
 
