@@ -101,8 +101,8 @@ def usage_text(prog: str = PROG) -> str:
         "[--tensor-type-file]",
         "       [--prune-layers] [--keep-split] [--override-kv] [--dry-run] [--max-buffer-size]",
         "       [--target-bpw] [--target-size] [--budget] [--tie] [--min-type] [--max-type] [--state-file]",
-        "       [--candidates] [--score-elements] [--calibration-file] [--calibration-chunks] [--verify]",
-        "       [--quiet] [--verbose] [--json]",
+        "       [--candidates] [--score-elements] [--calibration-file] [--calibration-chunks] [--verify] "
+        "[--quiet] [--verbose] [--json]",
         "       model-f32.gguf [model-quant.gguf] type [nthreads]",
         "",
     ]
