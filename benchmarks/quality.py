@@ -358,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
     recipe_files, recipe_times = make_recipes(args, s, imatrix)
     if args.only_recipes:
         return 0
-    calibration = calibration_file(s.work, args.calibrate)
+    calibration = None if args.skip_llqx else calibration_file(s.work, args.calibrate)
     llqx_files, llqx_times = ({}, {}) if args.skip_llqx else make_llqx(s, imatrix, recipe_files, calibration,
                                                                       args.calibrate)
     result, cached, eval_settings = evaluate_all(args, s, recipe_files, llqx_files, times)
