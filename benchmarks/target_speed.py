@@ -7,13 +7,15 @@ One invocation measures, under /usr/bin/time -v and --repeat times in turn (medi
   4. upstream llama-quantize writing llqx's mix (--pure, one anchored --tensor-type-file entry per
      tensor, base Q8_0): what llama.cpp alone takes for the types llqx chose, so warm ÷ this is
      llqx's own overhead (quantizing some types, e.g. Q4_1 with an imatrix, is 4x slower than others)
+With --calibration-chunks N the llqx runs measure sensitivities on N chunks of c4 (--calibration-file):
+cold then includes the probes (one forward pass per tensor group), warm takes them from the state file.
 and writes ratios (wall time and peak RSS, llqx ÷ upstream) to benchmarks/results/target_speed.json
 (merged by model name). Goals: cold ≤ 2.0, warm ≤ 1.1, RSS ≤ 1.25 (against Q4_K_M). Also measured: the
 seconds llama.cpp takes to build the candidate IQ types' lookup grids, and from it the floor of both
 ratios (grid set-up + upstream writing llqx's mix; the write alone when warm).
 
     python benchmarks/target_speed.py --model M.gguf [--imatrix IM.gguf] [--threads 2] [--repeat 3]
-    [--candidates window|all] [--llqx-root OLD/python] [--results R.json]
+    [--candidates window|all] [--calibration-chunks N] [--llqx-root OLD/python] [--results R.json]
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each command, in turn (medians)")
     ap.add_argument(
         "--candidates", choices=("window", "all"), default=None, help="llqx's --candidates (default: its own)"
+    )
+    ap.add_argument(
+        "--calibration-chunks", type=int, default=0,
+        help="measure sensitivities on this many chunks of c4 in the llqx runs (default: none)",
     )
     ap.add_argument(
         "--llqx-root",
@@ -143,6 +149,11 @@ def main() -> int:
         "--state-file",
         str(state),
         *(["--candidates", args.candidates] if args.candidates else []),
+        *(
+            ["--calibration-file", str(data.text("c4")), "--calibration-chunks", str(args.calibration_chunks)]
+            if args.calibration_chunks > 0
+            else []
+        ),
         "--quiet",
         str(model),
         str(out),
@@ -217,6 +228,7 @@ def main() -> int:
         "model": Path(model).name,
         "threads": args.threads,
         "candidates": args.candidates or "default",
+        "calibration_chunks": args.calibration_chunks,
         "llqx_root": args.llqx_root,
         "repeat": args.repeat,
         "target_bpw": target,
@@ -245,7 +257,7 @@ def main() -> int:
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(args.results.read_text(encoding="utf-8")) if args.results.exists() else {}
-    doc[row["model"]] = row
+    doc[row["model"] + (f"+calibration{args.calibration_chunks}" if args.calibration_chunks else "")] = row
     args.results.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(row, indent=2))
     return 0

@@ -11,10 +11,11 @@ from pathlib import Path
 import gguf
 import pytest
 
+import llqx
 from conftest import subprocess_env
-from llqx import Imatrix, data
+from llqx import Imatrix, data, ggml_type
 from llqx.sensitivity import BANDS, tensor_group
-from llqx.verify import recipe_mix
+from llqx.verify import nearest_recipe, recipe_mix, recipe_plan
 
 
 def file_types(path: Path) -> dict[str, int]:
@@ -85,7 +86,8 @@ def test_target_with_calibration_and_verify(
     assert {"token_embd", "ffn_down@0", f"attn_v@{BANDS - 1}"} <= groups
     assert all(g["kld"] > 0 and g["factor"] > 0 for g in doc["sensitivity"])
     v = doc["verify"]
-    assert v["recipe_bpw"] <= v["plan_bpw"] <= 5.0
+    assert v["recipe_bpw"] <= 5.0
+    assert v["plan_bpw"] <= 5.0
     assert v["kept"] == ("llqx" if v["plan_kld"] <= v["recipe_kld"] else v["recipe"])
     written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert {t["name"]: t["type"].upper() for t in doc["tensors"]} == written
@@ -95,6 +97,54 @@ def test_target_with_calibration_and_verify(
     again = quantize_cli(*args[:-2], "--dry-run", smollm2_f16)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["sensitivity"] == doc["sensitivity"]
+
+
+def test_verify_at_a_recipes_size_compares_with_that_recipe(
+    smollm2_f16: Path, smol_imatrix: Path, calib_text: Path, llama_quantize: Path, tmp_path: Path
+) -> None:
+    """Asked for exactly Q4_K_M's file size, --verify measures against Q4_K_M itself (the plan lands a few
+    bytes under its target, so comparing with what fits the plan's bytes would pick a smaller recipe)."""
+    q4 = tmp_path / "q4_k_m.gguf"
+    subprocess.run([str(llama_quantize), "--imatrix", str(smol_imatrix), str(smollm2_f16), str(q4), "Q4_K_M"],
+                   check=True, capture_output=True, env=subprocess_env())
+    size = q4.stat().st_size
+    r = quantize_cli("--imatrix", smol_imatrix, "--target-size", size, "--state-file", tmp_path / "s.state",
+                     "--calibration-file", calib_text, "--calibration-chunks", "1", "--verify", "--dry-run",
+                     "--json", smollm2_f16)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    v = doc["verify"]
+    assert v["recipe"] == "Q4_K_M"
+    assert v["recipe_bpw"] == pytest.approx(llqx.inspect(q4).bpw, abs=1e-9)
+    assert doc["file_size"] <= size
+    if v["kept"] == "Q4_K_M":
+        assert {t["name"]: ggml_type(t["type"]).id for t in doc["tensors"]} == file_types(q4)
+    else:
+        assert v["plan_kld"] <= v["recipe_kld"]
+
+
+def test_a_kept_recipe_is_written_as_llama_quantize_writes_it(
+    smollm2_f16: Path, smol_imatrix: Path, llama_quantize: Path, tmp_path: Path
+) -> None:
+    """When --verify keeps the recipe, the plan is the recipe's mix (the largest that fits the target, here
+    1 MiB above Q4_K_M's file) and reports the user's target: its types are those llama-quantize writes."""
+    q4 = tmp_path / "q4_k_m.gguf"
+    subprocess.run([str(llama_quantize), "--imatrix", str(smol_imatrix), str(smollm2_f16), str(q4), "Q4_K_M"],
+                   check=True, capture_output=True, env=subprocess_env())
+    target = q4.stat().st_size + 2**20
+    im = Imatrix.load(smol_imatrix)
+    scores = llqx.score(smollm2_f16, smol_imatrix, nthread=2, progress=False)
+    plan = scores.plan(target_size=target)
+    recipe = nearest_recipe(scores, plan, im, {})
+    assert q4.stat().st_size <= recipe.file_size <= target
+    kept = recipe_plan(scores, plan, recipe, {})
+    assert kept.target_size == target
+    assert kept.file_size == recipe.file_size
+    written = tmp_path / "recipe.gguf"
+    subprocess.run([str(llama_quantize), "--imatrix", str(smol_imatrix), str(smollm2_f16), str(written),
+                    recipe.name], check=True, capture_output=True, env=subprocess_env())
+    assert {t.name: t.type for t in kept.tensors} == file_types(written)
+    assert kept.file_size == written.stat().st_size
 
 
 def test_verify_needs_calibration_text(smollm2_f16: Path, smol_imatrix: Path, tmp_path: Path) -> None:

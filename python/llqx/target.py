@@ -151,12 +151,7 @@ def plan_target(
     plan = scores.plan(target_bpw=req.target_bpw, target_size=req.target_size, **pins_of(req))
     verdict = None
     if req.verify and cal is not None:
-
-        def replan(tensor_types: list[tuple[str, int]]) -> Plan:
-            return scores.plan(target_bpw=req.target_bpw, target_size=req.target_size,
-                               **{**pins_of(req), "tensor_types": tensor_types})
-
-        plan, verdict = verify(scores, plan, imatrix, cal, writer_pins(req), replan, _step(on_progress, "verifying"))
+        plan, verdict = verify(scores, plan, imatrix, cal, writer_pins(req), _step(on_progress, "verifying"))
     if not any(ggml_type(t).has_grid for _, t in plan.overrides()):
         # scoring built the IQ lookup grids (~6 MB); this mix needs none, so the writer's peak need not carry them
         _core.quantize_free()

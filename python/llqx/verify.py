@@ -1,7 +1,9 @@
 """--verify: the planned mix against llama.cpp's nearest recipe, measured on calibration text.
 
 The recipe is the largest llama-quantize file type whose mix (with the same pins, as llama-quantize
-would apply them) takes no more tensor bytes than the plan. Both mixes run on the same calibration
+would apply them) meets the plan's target: a recipe's file at --target-size, its bpw at --target-bpw.
+(Not the plan's own bytes: a plan lands a little under its target, so asking for exactly a recipe's size
+must compare with that recipe, not the next smaller one.) Both mixes run on the same calibration
 chunks (llqx.probe); the one with the lower KL divergence is kept, so a target never ends worse than
 the recipe the user could have had at that size, on that text.
 """
@@ -12,14 +14,14 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import log as _log
 from .errors import LlqxError
 from .imatrix import Imatrix
 from .llama_rules import tensor_nbytes
-from .plan import Plan
+from .plan import Plan, anchored_pattern, padded
 from .planner import Scores
 from .probe import Calibration, measure_mixes
 from .quantize import quantize
@@ -82,30 +84,51 @@ class Verdict:
         return dict(self.__dict__)
 
 
-def nearest_recipe(
-    scores: Scores, plan: Plan, imatrix: Imatrix | None, pins: dict[str, Any]
-) -> tuple[str, dict[str, int]]:
-    """The largest recipe whose mix (quantizable tensors) takes no more bytes than the plan's."""
+@dataclass(frozen=True)
+class Recipe:
+    """A llama.cpp recipe on this model: its type for every planned tensor, and the sizes it comes to."""
+
+    name: str
+    mix: dict[str, int]
+    tensor_bytes: int
+    file_size: int
+    bpw: float
+
+
+def nearest_recipe(scores: Scores, plan: Plan, imatrix: Imatrix | None, pins: dict[str, Any]) -> Recipe:
+    """The largest recipe whose mix meets the plan's target (the plan's own bytes when it has none)."""
     spent = sum(t.nbytes for t in plan.tensors)
-    best: tuple[int, str, dict[str, int]] | None = None
+    best: Recipe | None = None
     for name in RECIPES:
         try:
             mix = recipe_mix(plan.model, name, imatrix, **pins)
         except LlqxError:
             continue  # e.g. a recipe this model's widths or data cannot take
-        nbytes = sum(
-            t.nbytes if t.name not in scores.candidates else _nbytes(scores, t.name, mix[t.name])
+        sizes = [
+            t.nbytes if t.name not in scores.candidates else tensor_nbytes(mix[t.name], t)
             for t in scores.model.tensors
-        )
-        if nbytes <= spent and (best is None or nbytes > best[0]):
-            best = (nbytes, name, {n: mix[n] for n in scores.candidates})
+        ]
+        r = Recipe(name, {n: mix[n] for n in scores.candidates}, sum(sizes),
+                   plan.meta_size + sum(padded(b) for b in sizes), 8.0 * sum(sizes) / scores.model.n_elements)
+        if plan.target_size is not None:
+            fits = r.file_size <= plan.target_size
+        elif plan.target_bpw is not None:
+            fits = r.bpw <= plan.target_bpw
+        else:
+            fits = r.tensor_bytes <= spent
+        if fits and (best is None or r.tensor_bytes > best.tensor_bytes):
+            best = r
     if best is None:
-        raise LlqxError("--verify: no llama.cpp recipe fits in the plan's bytes to compare with")
-    return best[1], best[2]
+        raise LlqxError("--verify: no llama.cpp recipe fits the target to compare with")
+    return best
 
 
-def _nbytes(scores: Scores, name: str, tid: int) -> int:
-    return tensor_nbytes(tid, scores.model.tensor(name))
+def recipe_plan(scores: Scores, plan: Plan, recipe: Recipe, pins: dict[str, Any]) -> Plan:
+    """The recipe's mix as a plan (every tensor pinned), reporting the plan's target. An all-pinned plan
+    can only meet its own size, so it is planned at the recipe's file size, which fits the target."""
+    kept = scores.plan(target_size=recipe.file_size,
+                       **{**pins, "tensor_types": [(anchored_pattern(n), t) for n, t in recipe.mix.items()]})
+    return replace(kept, target_bpw=plan.target_bpw, target_size=plan.target_size)
 
 
 def verify(
@@ -114,19 +137,14 @@ def verify(
     imatrix: Imatrix | None,
     cal: Calibration,
     pins: dict[str, Any],
-    replan: Callable[[list[tuple[str, int]]], Plan],
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Plan, Verdict]:
-    """Measure the plan and the nearest recipe on the calibration chunks; return the better as a plan
-    (``replan(tensor_types)`` plans with every tensor pinned to the recipe's type) and the verdict."""
-    recipe, mix = nearest_recipe(scores, plan, imatrix, pins)
+    """Measure the plan and the nearest recipe on the calibration chunks; return the better as a plan and
+    the verdict. ``pins``: the writer's pins (as quantize() takes them), for the recipe's dry run."""
+    recipe = nearest_recipe(scores, plan, imatrix, pins)
     planned = [(t.name, t.type) for t in plan.tensors if t.status != "kept"]
-    kld_plan, kld_recipe = measure_mixes(plan.model, [planned, list(mix.items())], imatrix, cal, on_progress)
-    n = scores.model.n_elements
-    recipe_bpw = 8.0 * sum(
-        t.nbytes if t.name not in mix else _nbytes(scores, t.name, mix[t.name]) for t in scores.model.tensors
-    ) / n
+    kld_plan, kld_recipe = measure_mixes(plan.model, [planned, list(recipe.mix.items())], imatrix, cal, on_progress)
     if kld_recipe < kld_plan:
-        kept = replan([(f"^{re.escape(name)}$", tid) for name, tid in mix.items()])
-        return kept, Verdict(recipe, recipe_bpw, kld_recipe, plan.bpw, kld_plan, recipe)
-    return plan, Verdict(recipe, recipe_bpw, kld_recipe, plan.bpw, kld_plan, "llqx")
+        return recipe_plan(scores, plan, recipe, pins), Verdict(
+            recipe.name, recipe.bpw, kld_recipe, plan.bpw, kld_plan, recipe.name)
+    return plan, Verdict(recipe.name, recipe.bpw, kld_recipe, plan.bpw, kld_plan, "llqx")
