@@ -96,8 +96,8 @@ class Recipe:
 
 
 def nearest_recipe(scores: Scores, plan: Plan, imatrix: Imatrix | None, pins: dict[str, Any]) -> Recipe:
-    """The largest recipe whose mix meets the plan's target (the plan's own bytes when it has none)."""
-    spent = sum(t.nbytes for t in plan.tensors)
+    """The largest recipe whose mix meets the plan's target (verify runs on --target-size or --target-bpw
+    plans only: budgets are refused before)."""
     best: Recipe | None = None
     for name in RECIPES:
         try:
@@ -112,10 +112,8 @@ def nearest_recipe(scores: Scores, plan: Plan, imatrix: Imatrix | None, pins: di
                    plan.meta_size + sum(padded(b) for b in sizes), 8.0 * sum(sizes) / scores.model.n_elements)
         if plan.target_size is not None:
             fits = r.file_size <= plan.target_size
-        elif plan.target_bpw is not None:
-            fits = r.bpw <= plan.target_bpw
         else:
-            fits = r.tensor_bytes <= spent
+            fits = plan.target_bpw is not None and r.bpw <= plan.target_bpw
         if fits and (best is None or r.tensor_bytes > best.tensor_bytes):
             best = r
     if best is None:
