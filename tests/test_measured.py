@@ -152,3 +152,31 @@ def test_verify_needs_calibration_text(smollm2_f16: Path, smol_imatrix: Path, tm
     assert r.returncode == 1
     assert "--calibration-file" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_measured_groups_price_local_error(
+    smollm2_f16: Path, smol_imatrix: Path, calib_text: Path, tmp_path: Path
+) -> None:
+    """Inside a measured group every tensor's planned error is the group's factor times its local error,
+    read back from the state file: the error a writer (attn_output, ffn_down) adds to the residual stream,
+    the error of any other tensor over its output energy; whatever layer it is in, the estimator's layer
+    weights do not reach a calibrated plan."""
+    state = tmp_path / "s.state"
+    r = quantize_cli("--imatrix", smol_imatrix, "--target-bpw", "5.0", "--state-file", state, "--calibration-file",
+                     calib_text, "--calibration-chunks", "1", "--dry-run", "--json", smollm2_f16, tmp_path / "o.gguf")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    n_layer = max(int(t["name"].split(".")[1]) for t in doc["tensors"] if t["name"].startswith("blk.")) + 1
+    factor = {g["group"]: g["factor"] for g in doc["sensitivity"]}
+    scored = json.loads(state.read_text())["tensors"]
+    checked = 0
+    for t in doc["tensors"]:
+        if t["status"] != "optimized" or t["name"] not in scored:
+            continue
+        s = scored[t["name"]]
+        error = s["errors"][[x.upper() for x in s["types"]].index(t["type"].upper())]
+        writes = t["name"].endswith(("attn_output.weight", "ffn_down.weight"))
+        local = error if writes else error / s["energy"]
+        assert t["error"] == pytest.approx(factor[tensor_group(t["name"], n_layer)] * local, rel=1e-9)
+        checked += 1
+    assert checked >= 7 * n_layer

@@ -145,6 +145,21 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
     return {n: w * gate[n] for n, w in out.items()}
 
 
+def local_errors(scored: dict[str, TensorScore]) -> dict[str, float]:
+    """Per tensor, the divisor that turns its scored error into its local error, the unit measured
+    sensitivities price (llqx.sensitivity): a tensor that writes into the residual stream (attn_output,
+    ffn_down) counts the absolute error it adds there (divisor 1); every other tensor counts its output
+    error relative to the energy of its output, the relative change it makes in what its block computes
+    (0 when that energy is unknown). No propagation: the measured factor of the tensor's group supplies it.
+    """
+    names = set(scored)
+    out: dict[str, float] = {}
+    for n in names:
+        writes = _sublayer(n) is not None and _writer_of(n, names) is None
+        out[n] = 1.0 if writes else scored[n].energy
+    return out
+
+
 def _experts_used(info: ModelInfo) -> int:
     """Experts each token passes through (the GGUF's expert_used_count; 1 for a dense model)."""
     k = info.metadata.get(f"{info.architecture}.expert_used_count")

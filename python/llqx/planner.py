@@ -44,6 +44,9 @@ class TensorCurve:
     types: list[int]
     nbytes: list[int]
     errors: list[float]
+    # errors[i] * local_scale is the tensor's local error (estimator.local_errors), the unit measured
+    # sensitivities price; 0: none known
+    local_scale: float = 0.0
 
 
 class CurveSource(Protocol):
@@ -148,6 +151,10 @@ class Scores:
     def calibrate(self, factors: dict[str, float]) -> None:
         """Plan with measured sensitivities: every error of a tensor times its factor (see llqx.sensitivity)."""
         self.factors = dict(factors)
+
+    def local_scale(self, name: str) -> float:
+        """From the estimator's unit to the tensor's local error (see estimator.local_errors); 0: unknown."""
+        return self.curves[name].local_scale
 
     def error_of(self, name: str, tid: int) -> float:
         """The estimator's error of one scored (tensor, type), before any calibration factor."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _core
 from .errors import LlqxError
-from .estimator import combine_experts, expert_weights, output_weights
+from .estimator import combine_experts, expert_weights, local_errors, output_weights
 from .imatrix import Imatrix, check_imatrix_fits, select_imatrix
 from .llama_rules import shape3, tensor_candidates, tensor_is_quantizable, tensor_nbytes
 from .metadata import imatrix_kv_overrides, meta_size
@@ -199,6 +199,7 @@ class _Scorer:
         """The scored candidates of every tensor, cheapest first, errors in one unit (output_weights)."""
         scored = {t.name: self.st.tensors[t.name] for t in self.tensors if t.name in self.st.tensors}
         weights = output_weights(self.info, scored, self.im is not None)
+        divisors = local_errors(scored)
         out: dict[str, TensorCurve] = {}
         for t in self.tensors:
             s = self.st.tensors.get(t.name)
@@ -209,7 +210,10 @@ class _Scorer:
                 if e is not None:
                     types.append(tid)
                     errors.append(e * weights[t.name])
-            out[t.name] = TensorCurve(t.name, t.n_elements, types, [tensor_nbytes(x, t) for x in types], errors)
+            nbytes = [tensor_nbytes(x, t) for x in types]
+            w, d = weights.get(t.name, 0.0), divisors.get(t.name, 0.0)
+            local = 1.0 / (w * d) if w > 0 and d > 0 else 0.0
+            out[t.name] = TensorCurve(t.name, t.n_elements, types, nbytes, errors, local)
         return out
 
 

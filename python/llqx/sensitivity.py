@@ -1,14 +1,21 @@
 """Measured sensitivity (docs/method.md, §5b): how much KL divergence each group of tensors really causes
-per unit of the estimator's error, measured on the model itself.
+per unit of local error, measured on the model itself.
 
 The estimator's propagation model puts every tensor's error into one unit with fixed assumptions. Here
 the model answers instead: for each group (one kind of tensor in one third of the layers, and the
 token embedding and the head alone) the group's weights are replaced by their round trip through a
 probe type, a few calibration chunks run, and the KL divergence to the unchanged model is measured.
-For small errors KL divergence is a quadratic form of the output error, so it is linear in the error
-energy the estimator sums, and independent errors of different groups add: one factor per group,
-``s_g = KLD_g / Σ_{t∈g} E_t(probe)``, turns every curve of the group into KL divergence. Nothing is
-chosen by hand per model; the factors come from one forward pass per group.
+For small errors KL divergence is a quadratic form of the output error, so it is linear in error
+energy, and independent errors of different groups add: one factor per group,
+``s_g = KLD_g / Σ_{t∈g} l_t(probe)``, turns every curve of the group into KL divergence.
+
+Inside a group the unit is each tensor's local error ``l_t`` (estimator.local_errors: the absolute error
+a writer adds to the residual stream, the relative output error of a tensor that feeds a block), not the
+estimator's propagated unit: the propagation model's layer weights swing by 100× inside one band (the
+layers before and at the massive activations), and a band factor fitted to such a sum prices every other
+layer of the band far too low. Probed alone, those layers cost about as much KL divergence per unit of
+local error as their neighbours (docs/method.md, §5b). Nothing is chosen by hand per model; the factors
+come from one forward pass per group.
 """
 
 from __future__ import annotations
@@ -49,18 +56,18 @@ def tensor_group(name: str, n_layer: int) -> str:
 
 @dataclass(frozen=True)
 class GroupSensitivity:
-    """One group's measurement: its tensors, the KL divergence of their probe, the estimator's summed
-    error for the same probe and the factor between them."""
+    """One group's measurement: its tensors, the KL divergence of their probe, the summed local error
+    of the same probe and the factor between them."""
 
     group: str
     tensors: list[str]
     kld: float
-    estimate: float
+    local_error: float
     factor: float
 
     def to_dict(self) -> dict[str, object]:
-        return {"group": self.group, "tensors": len(self.tensors), "kld": self.kld, "estimate": self.estimate,
-                "factor": self.factor}
+        return {"group": self.group, "tensors": len(self.tensors), "kld": self.kld,
+                "local_error": self.local_error, "factor": self.factor}
 
 
 def probe_types(scores: Scores) -> dict[str, int]:
@@ -94,8 +101,8 @@ def measure(
 ) -> list[GroupSensitivity]:
     """Probe every group (those in ``stored``, {group: kld}, are not run again) and fit its factor.
 
-    The probe types must be scored (their estimate is the denominator). A group whose probe moves
-    nothing measurable (KLD or estimate 0) takes the median factor of the others.
+    The probe types must be scored (their local error is the denominator). A group whose probe moves
+    nothing measurable (KLD or local error 0) takes the median factor of the others.
     """
     types = probe_types(scores)
     groups = _groups(scores)
@@ -108,19 +115,20 @@ def measure(
             klds[g] = kld
     out: list[GroupSensitivity] = []
     for g, names in groups.items():
-        est = sum(scores.error_of(n, types[n]) for n in names)
+        local = sum(scores.error_of(n, types[n]) * scores.local_scale(n) for n in names)
         kld = klds[g]
-        out.append(GroupSensitivity(g, names, kld, est, kld / est if kld > 0 and est > 0 else 0.0))
+        out.append(GroupSensitivity(g, names, kld, local, kld / local if kld > 0 and local > 0 else 0.0))
     valid = sorted(s.factor for s in out if s.factor > 0)
     if not valid:
         raise LlqxError("the calibration probes measured no KL divergence: is the calibration text empty?")
     median = valid[len(valid) // 2]
-    return [s if s.factor > 0 else GroupSensitivity(s.group, s.tensors, s.kld, s.estimate, median) for s in out]
+    return [s if s.factor > 0 else GroupSensitivity(s.group, s.tensors, s.kld, s.local_error, median) for s in out]
 
 
-def multipliers(sens: list[GroupSensitivity]) -> dict[str, float]:
-    """Per tensor: the factor of its group (applied by Scores.calibrate)."""
-    return {n: s.factor for s in sens for n in s.tensors}
+def multipliers(scores: Scores, sens: list[GroupSensitivity]) -> dict[str, float]:
+    """Per tensor, from the estimator's unit to KL divergence (applied by Scores.calibrate): its group's
+    factor times the tensor's own conversion to local error."""
+    return {n: s.factor * scores.local_scale(n) for s in sens for n in s.tensors}
 
 
 def calibrate(
@@ -138,5 +146,5 @@ def calibrate(
     if scores.state is not None:
         scores.state.probes[key] = {s.group: s.kld for s in sens}
         scores.state.save()
-    scores.calibrate(multipliers(sens))
+    scores.calibrate(multipliers(scores, sens))
     return sens

@@ -77,14 +77,14 @@ def measuring_progress(console: Any) -> Iterator[Callable[[str, int, int], None]
 
 
 def print_sensitivities(sens: list[GroupSensitivity], console: Any) -> None:
-    """One line per group: what its probe cost in KL divergence against what the estimator expected."""
+    """One line per group: what its probe cost in KL divergence against its summed local error."""
     from rich.table import Table
 
     t = Table(title="measured sensitivity (probe: KLD of the group at the probe type)")
-    for col in ("group", "tensors", "KLD", "estimate", "factor"):
+    for col in ("group", "tensors", "KLD", "local error", "factor"):
         t.add_column(col, justify="left" if col == "group" else "right")
     for s in sens:
-        t.add_row(s.group, str(len(s.tensors)), f"{s.kld:.4g}", f"{s.estimate:.4g}", f"{s.factor:.4g}")
+        t.add_row(s.group, str(len(s.tensors)), f"{s.kld:.4g}", f"{s.local_error:.4g}", f"{s.factor:.4g}")
     console.print(t)
 
 
