@@ -145,7 +145,7 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
     return {n: w * gate[n] for n, w in out.items()}
 
 
-def local_errors(scored: dict[str, TensorScore]) -> dict[str, float]:
+def local_error_divisors(scored: dict[str, TensorScore]) -> dict[str, float]:
     """Per tensor, the divisor that turns its scored error into its local error, the unit measured
     sensitivities price (llqx.sensitivity): a tensor that writes into the residual stream (attn_output,
     ffn_down) counts the absolute error it adds there (divisor 1); every other tensor counts its output

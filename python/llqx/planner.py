@@ -44,7 +44,7 @@ class TensorCurve:
     types: list[int]
     nbytes: list[int]
     errors: list[float]
-    # errors[i] * local_scale is the tensor's local error (estimator.local_errors), the unit measured
+    # errors[i] * local_scale is the tensor's local error (estimator.local_error_divisors), the unit measured
     # sensitivities price; 0: none known
     local_scale: float = 0.0
 
@@ -153,7 +153,7 @@ class Scores:
         self.factors = dict(factors)
 
     def local_scale(self, name: str) -> float:
-        """From the estimator's unit to the tensor's local error (see estimator.local_errors); 0: unknown."""
+        """From the estimator's unit to the tensor's local error (see estimator.local_error_divisors); 0: unknown."""
         return self.curves[name].local_scale
 
     def error_of(self, name: str, tid: int) -> float:

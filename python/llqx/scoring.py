@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _core
 from .errors import LlqxError
-from .estimator import combine_experts, expert_weights, local_errors, output_weights
+from .estimator import combine_experts, expert_weights, local_error_divisors, output_weights
 from .imatrix import Imatrix, check_imatrix_fits, select_imatrix
 from .llama_rules import shape3, tensor_candidates, tensor_is_quantizable, tensor_nbytes
 from .metadata import imatrix_kv_overrides, meta_size
@@ -199,7 +199,7 @@ class _Scorer:
         """The scored candidates of every tensor, cheapest first, errors in one unit (output_weights)."""
         scored = {t.name: self.st.tensors[t.name] for t in self.tensors if t.name in self.st.tensors}
         weights = output_weights(self.info, scored, self.im is not None)
-        divisors = local_errors(scored)
+        divisors = local_error_divisors(scored)
         out: dict[str, TensorCurve] = {}
         for t in self.tensors:
             s = self.st.tensors.get(t.name)

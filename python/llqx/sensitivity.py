@@ -9,7 +9,7 @@ For small errors KL divergence is a quadratic form of the output error, so it is
 energy, and independent errors of different groups add: one factor per group,
 ``s_g = KLD_g / Σ_{t∈g} l_t(probe)``, turns every curve of the group into KL divergence.
 
-Inside a group the unit is each tensor's local error ``l_t`` (estimator.local_errors: the absolute error
+Inside a group the unit is each tensor's local error ``l_t`` (estimator.local_error_divisors: the absolute error
 a writer adds to the residual stream, the relative output error of a tensor that feeds a block), not the
 estimator's propagated unit: the propagation model's layer weights swing by 100× inside one band (the
 layers before and at the massive activations), and a band factor fitted to such a sum prices every other
