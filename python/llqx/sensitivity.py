@@ -9,13 +9,13 @@ For small errors KL divergence is a quadratic form of the output error, so it is
 energy, and independent errors of different groups add: one factor per group,
 ``s_g = KLD_g / Σ_{t∈g} l_t(probe)``, turns every curve of the group into KL divergence.
 
-Inside a group the unit is each tensor's local error ``l_t`` (estimator.local_error_divisors: the absolute error
-a writer adds to the residual stream, the relative output error of a tensor that feeds a block), not the
-estimator's propagated unit: the propagation model's layer weights swing by 100× inside one band (the
-layers before and at the massive activations), and a band factor fitted to such a sum prices every other
-layer of the band far too low. Probed alone, those layers cost about as much KL divergence per unit of
-local error as their neighbours (docs/method.md, §5b). Nothing is chosen by hand per model; the factors
-come from one forward pass per group.
+Inside a group the unit is each tensor's local error ``l_t`` (estimator.local_error_divisors: the
+absolute error a writer adds to the residual stream, the relative output error of a tensor that feeds a
+block), not the estimator's propagated unit: the propagation model's layer weights swing by 100× inside
+one band (the layers before and at the massive activations), and a band factor fitted to such a sum
+prices every other layer of the band far too low. Probed alone, those layers cost about as much KL
+divergence per unit of local error as their neighbours (docs/method.md, §5b). Nothing is chosen by hand
+per model; the factors come from one forward pass per group.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import LlqxError
@@ -122,7 +122,7 @@ def measure(
     if not valid:
         raise LlqxError("the calibration probes measured no KL divergence: is the calibration text empty?")
     median = valid[len(valid) // 2]
-    return [s if s.factor > 0 else GroupSensitivity(s.group, s.tensors, s.kld, s.local_error, median) for s in out]
+    return [s if s.factor > 0 else replace(s, factor=median) for s in out]
 
 
 def multipliers(scores: Scores, sens: list[GroupSensitivity]) -> dict[str, float]:
