@@ -1,4 +1,5 @@
 #include "llqx_score.h"
+#include "llqx_score_sample.h"
 
 #include "ggml.h"
 
@@ -17,45 +18,6 @@
 // rows of one work item: a block never crosses an expert boundary
 static const int64_t LLQX_SCORE_BLOCK_ELEMENTS = 32 * 1024;
 
-static uint64_t splitmix64(uint64_t & state) {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-static uint64_t name_hash(const std::string & name, int32_t expert) {
-    uint64_t h = 0xcbf29ce484222325ULL; // FNV-1a
-    for (unsigned char c : name) {
-        h = (h ^ c) * 0x100000001b3ULL;
-    }
-    return h ^ ((uint64_t) (uint32_t) expert * 0x9e3779b97f4a7c15ULL);
-}
-
-void llqx_score_sample_rows(const std::string & name, int32_t expert, int64_t n_rows, int64_t n_sample,
-                            std::vector<int64_t> & rows) {
-    rows.clear();
-    if (n_rows <= 0 || n_sample <= 0) {
-        return;
-    }
-    if (n_sample >= n_rows) {
-        rows.resize((size_t) n_rows);
-        for (int64_t i = 0; i < n_rows; ++i) {
-            rows[(size_t) i] = i;
-        }
-        return;
-    }
-    // strided with a random phase: even coverage of the slice, no clustering
-    uint64_t state = name_hash(name, expert);
-    const double stride = (double) n_rows / (double) n_sample;
-    const double phase  = (double) (splitmix64(state) >> 11) * (1.0 / 9007199254740992.0) * stride;
-    rows.reserve((size_t) n_sample);
-    for (int64_t i = 0; i < n_sample; ++i) {
-        int64_t r = (int64_t) std::floor(phase + (double) i * stride);
-        rows.push_back(std::min(r, n_rows - 1));
-    }
-}
-
 namespace {
 
 struct score_block {
@@ -71,15 +33,15 @@ struct score_item {
 };
 
 struct score_tensor {
-    std::vector<int64_t>     rows;    // sampled rows, global (expert * ne1 + row)
+    std::vector<int64_t>     rows;         // sampled rows, global (expert * ne1 + row)
+    std::vector<double>      row_scale;    // per sampled row: the rows of its slice it stands for (1 / inclusion)
     std::vector<int64_t>     expert_first; // ne2 + 1 offsets into rows
     std::vector<score_block> blocks;
     std::mutex               mutex;
     bool                     loaded = false;
-    bool                     failed = false;
-    std::vector<float>       data;    // sampled rows as F32
-    std::vector<double>      row_den; // per sampled row: expected squared output (candidate-independent)
-    std::vector<double>      row_num; // n_cand * rows.size(): expected squared output error
+    std::vector<float>       data;         // sampled rows as F32
+    std::vector<double>      slice_energy; // per expert slice: expected squared output of all its rows
+    std::vector<double>      row_num;      // n_cand * rows.size(): expected squared output error
     int64_t                  remaining = 0;
 };
 
@@ -171,8 +133,8 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         return -1;
     }
     const uint8_t * base = (const uint8_t *) mf.addr;
-    // sampled rows are scattered: no readahead, and each tensor's pages are dropped once it is scored
-    madvise(mf.addr, mf.size, MADV_RANDOM);
+    // each tensor is read whole once (the energy of every row), then its sampled rows; its pages are
+    // dropped once it is scored
     const uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE);
 
     // sampling plan and the flat, ordered list of work items
@@ -189,18 +151,15 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         const int64_t n_sample   = j.sample_elements > 0 ? j.sample_elements : params.sample_elements;
         const int64_t per_expert = std::max<int64_t>(params.min_rows, (n_sample / j.ne[2] + j.ne[0] - 1) / j.ne[0]);
         const int64_t block_rows = std::max<int64_t>(1, LLQX_SCORE_BLOCK_ELEMENTS / j.ne[0]);
-        std::vector<int64_t> rows;
+        // which rows depends on their energies, read when the tensor is loaded; how many is known now
+        const int64_t n_rows = std::min(per_expert, j.ne[1]);
         st->expert_first.push_back(0);
         for (int32_t e = 0; e < (int32_t) j.ne[2]; ++e) {
-            llqx_score_sample_rows(j.name, e, j.ne[1], per_expert, rows);
-            const int64_t first = (int64_t) st->rows.size();
-            for (int64_t r : rows) {
-                st->rows.push_back((int64_t) e * j.ne[1] + r);
+            const int64_t first = st->expert_first.back();
+            for (int64_t b = 0; b < n_rows; b += block_rows) {
+                st->blocks.push_back({ e, first + b, std::min(block_rows, n_rows - b) });
             }
-            for (int64_t b = 0; b < (int64_t) rows.size(); b += block_rows) {
-                st->blocks.push_back({ e, first + b, std::min(block_rows, (int64_t) rows.size() - b) });
-            }
-            st->expert_first.push_back((int64_t) st->rows.size());
+            st->expert_first.push_back(first + n_rows);
         }
         for (int32_t b = 0; b < (int32_t) st->blocks.size(); ++b) {
             for (int32_t c = 0; c < (int32_t) j.candidates.size(); ++c) {
@@ -229,26 +188,20 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         const size_t nr = st.rows.size();
         const size_t nc = j.candidates.size();
         const size_t ne2 = (size_t) j.ne[2];
-        // per candidate and expert slice: the slice's summed squared output error, extrapolated from the
-        // sampled rows (an unbiased sum: rows with large outputs weigh more, as they do in the output);
-        // then per slice the summed squared output itself
+        // per candidate and expert slice: the slice's summed squared output error, estimated from the
+        // sampled rows, each standing for its share of the slice; then per slice its exact squared output
         std::vector<double> out((nc + 1) * ne2, 0.0);
         for (size_t e = 0; e < ne2; ++e) {
             const int64_t a = st.expert_first[e];
             const int64_t b = st.expert_first[e + 1];
-            const double scale = b > a ? (double) j.ne[1] / (double) (b - a) : 0.0;
             for (size_t c = 0; c < nc; ++c) {
                 double sum = 0.0;
                 for (int64_t r = a; r < b; ++r) {
-                    sum += st.row_num[c * nr + (size_t) r];
+                    sum += st.row_num[c * nr + (size_t) r] * st.row_scale[(size_t) r];
                 }
-                out[c * ne2 + e] = sum * scale;
+                out[c * ne2 + e] = sum;
             }
-            double den = 0.0;
-            for (int64_t r = a; r < b; ++r) {
-                den += st.row_den[(size_t) r];
-            }
-            out[nc * ne2 + e] = den * scale;
+            out[nc * ne2 + e] = st.slice_energy[e];
         }
         st.data.clear();
         st.data.shrink_to_fit();
@@ -259,14 +212,63 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         }
         st.row_num.clear();
         st.row_num.shrink_to_fit();
-        st.row_den.clear();
-        st.row_den.shrink_to_fit();
         std::lock_guard<std::mutex> lock(done_mutex);
         errors[ji] = out;
         if (done != nullptr && !done((int32_t) ji, out.data(), (int32_t) out.size(), (int64_t) nr, user_data)) {
             stopped_by_callback = true;
             stop = true;
         }
+    };
+
+    // the energy (expected squared output) of every row, the rows sampled by it, and those rows as F32
+    auto load_tensor = [&](const llqx_score_job & j, score_tensor & st) {
+        const int64_t ne0 = j.ne[0];
+        const ggml_type stype = (ggml_type) j.src_type;
+        const size_t src_row = ggml_row_size(stype, ne0);
+        auto read_row = [&](int64_t global_row, float * dst) {
+            const uint8_t * src = base + j.offset + (uint64_t) global_row * src_row;
+            if (stype == GGML_TYPE_F32) {
+                std::memcpy(dst, src, sizeof(float) * (size_t) ne0);
+            } else {
+                ggml_get_type_traits(stype)->to_float(src, dst, ne0);
+            }
+        };
+        st.rows.assign((size_t) st.expert_first.back(), 0);
+        st.row_scale.assign(st.rows.size(), 0.0);
+        st.slice_energy.assign((size_t) j.ne[2], 0.0);
+        std::vector<float>   xr((size_t) ne0);
+        std::vector<double>  energy((size_t) j.ne[1]);
+        std::vector<int64_t> rows;
+        std::vector<double>  scales;
+        for (int64_t e = 0; e < j.ne[2]; ++e) {
+            const float * v = j.weights.empty() ? nullptr : j.weights.data() + (size_t) e * (size_t) ne0;
+            const float * a = j.activations.empty() ? nullptr : j.activations.data() + (size_t) e * (size_t) ne0;
+            double slice = 0.0;
+            for (int64_t r = 0; r < j.ne[1]; ++r) {
+                read_row(e * j.ne[1] + r, xr.data());
+                double den = 0.0, ax = 0.0;
+                for (int64_t k = 0; k < ne0; ++k) {
+                    den += (v ? (double) v[k] : 1.0) * (double) xr[(size_t) k] * (double) xr[(size_t) k];
+                    if (a) {
+                        ax += (double) a[k] * (double) xr[(size_t) k];
+                    }
+                }
+                energy[(size_t) r] = den + ax * ax;
+                slice += energy[(size_t) r];
+            }
+            st.slice_energy[(size_t) e] = slice;
+            const int64_t first = st.expert_first[(size_t) e];
+            llqx_score_sample_rows(j.name, (int32_t) e, energy, st.expert_first[(size_t) e + 1] - first, rows, scales);
+            for (size_t i = 0; i < rows.size(); ++i) {
+                st.rows[(size_t) first + i] = e * j.ne[1] + rows[i];
+                st.row_scale[(size_t) first + i] = scales[i];
+            }
+        }
+        st.data.resize(st.rows.size() * (size_t) ne0);
+        for (size_t r = 0; r < st.rows.size(); ++r) {
+            read_row(st.rows[r], st.data.data() + r * (size_t) ne0);
+        }
+        st.row_num.assign(st.rows.size() * j.candidates.size(), 0.0);
     };
 
     auto worker = [&]() {
@@ -284,37 +286,7 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             {
                 std::lock_guard<std::mutex> lock(st.mutex);
                 if (!st.loaded) {
-                    // read and convert the sampled rows of this tensor, once
-                    const ggml_type stype = (ggml_type) j.src_type;
-                    const size_t src_row = ggml_row_size(stype, ne0);
-                    st.data.resize(st.rows.size() * (size_t) ne0);
-                    for (size_t r = 0; r < st.rows.size(); ++r) {
-                        const uint8_t * src = base + j.offset + (uint64_t) st.rows[r] * src_row;
-                        float * dst = st.data.data() + r * (size_t) ne0;
-                        if (stype == GGML_TYPE_F32) {
-                            std::memcpy(dst, src, sizeof(float) * (size_t) ne0);
-                        } else {
-                            ggml_get_type_traits(stype)->to_float(src, dst, ne0);
-                        }
-                    }
-                    st.row_num.assign(st.rows.size() * j.candidates.size(), 0.0);
-                    st.row_den.assign(st.rows.size(), 0.0);
-                    // the expected squared output of each sampled row does not depend on the candidate
-                    for (int64_t e = 0; e < j.ne[2]; ++e) {
-                        const float * v = j.weights.empty() ? nullptr : j.weights.data() + (size_t) e * (size_t) ne0;
-                        const float * a = j.activations.empty() ? nullptr : j.activations.data() + (size_t) e * (size_t) ne0;
-                        for (int64_t r = st.expert_first[(size_t) e]; r < st.expert_first[(size_t) e + 1]; ++r) {
-                            const float * xr = st.data.data() + (size_t) r * (size_t) ne0;
-                            double den = 0.0, ax = 0.0;
-                            for (int64_t k = 0; k < ne0; ++k) {
-                                den += (v ? (double) v[k] : 1.0) * (double) xr[k] * (double) xr[k];
-                                if (a) {
-                                    ax += (double) a[k] * (double) xr[k];
-                                }
-                            }
-                            st.row_den[(size_t) r] = den + ax * ax;
-                        }
-                    }
+                    load_tensor(j, st);
                     st.loaded = true;
                 }
             }

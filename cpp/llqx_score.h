@@ -1,5 +1,5 @@
 // scoring pass of the target-bpw method: per tensor and candidate type, the weighted quantization
-// error of deterministically sampled rows (docs/method.md, scoring)
+// error of deterministically sampled rows, and the exact output energy of all rows (docs/method.md, scoring)
 #pragma once
 
 #include "llqx_error.h"
@@ -28,14 +28,11 @@ struct llqx_score_params {
 
 // called (serialized, from any thread) when one job's curve is complete. errors holds
 // (n_candidates + 1) * n_expert values: errors[c * n_expert + e] is the summed expected squared output
-// error of expert slice e under candidates[c] (extrapolated from the sampled rows to the whole slice),
-// errors[n_candidates * n_expert + e] the slice's summed expected squared output. Returning false cancels.
+// error of expert slice e under candidates[c] (estimated from the sampled rows, each weighted by the inverse
+// of its inclusion probability), errors[n_candidates * n_expert + e] the slice's summed expected squared
+// output over all its rows (exact). Returning false cancels.
 typedef bool (*llqx_score_done_t)(int32_t job, const double * errors, int32_t n_errors, int64_t n_rows_sampled,
                                   void * user_data);
-
-// the rows that are sampled from one expert slice of n_rows rows (sorted, deterministic from name and expert)
-void llqx_score_sample_rows(const std::string & name, int32_t expert, int64_t n_rows, int64_t n_sample,
-                            std::vector<int64_t> & rows);
 
 // scores every job; errors[j] receives job j's values as passed to done (empty when the job did not finish).
 // Returns 1 when complete, 0 when cancelled (by the flag or the callback), -1 with err set on failure.

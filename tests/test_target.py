@@ -26,7 +26,7 @@ from llqx.optimizer import allocate
 from llqx.quantize import read_tensor_type_file
 from llqx.request import QuantizeRequest, parse_size
 from llqx.scoring import MIN_ROWS, score
-from llqx.state import TensorScore
+from llqx.state import TensorScore, load_state
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = 8192  # small sampling keeps the tests fast; the default is exercised by the CLI test
@@ -76,9 +76,10 @@ def _range(scores: llqx.Scores) -> tuple[float, float]:
 
 
 def _reference_sums(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int, sample: int) -> tuple[float, float]:
-    """The docs/method.md (scoring) estimator in numpy on the same sampled rows (quantization via ggml row calls):
-    expected squared output error and expected squared output of the tensor, expert slices weighted by
-    their share of the imatrix counts."""
+    """The docs/method.md (scoring) estimator in numpy: the expected squared output of every row (exact),
+    and the expected squared output error of the rows the scorer samples by those energies, each times the
+    rows it stands for (quantization via ggml row calls); expert slices weighted by their share of the
+    imatrix counts."""
     t = model.tensor(name)
     ne0, ne1 = t.shape[0], t.shape[1]
     ne2 = t.shape[2] if len(t.shape) > 2 else 1
@@ -90,19 +91,17 @@ def _reference_sums(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int,
     per_expert = max(MIN_ROWS, (sample // ne2 + ne0 - 1) // ne0)
     err_total = energy_total = 0.0
     for e in range(ne2):
-        rows = _core.score_sample_rows(name, e, ne1, per_expert)
-        x = np.asarray(src[e, rows], dtype=np.float32)
         v = v_all[e].astype(np.float64)
+        a = None if a_all is None else a_all[e].astype(np.float64)
+        whole = np.asarray(src[e], dtype=np.float64)
+        energy = (whole**2 * v).sum(1) + (0.0 if a is None else (whole @ a) ** 2)
+        rows, scales = _core.score_sample_rows(name, e, energy, per_expert)
+        x = np.asarray(src[e, rows], dtype=np.float32)
         y = _core.dequantize_rows(type_id, _core.quantize_rows(type_id, x, v_all[e]), ne0).astype(np.float64)
         d = y - x
-        num = (d * d * v).sum(1)
-        den = (x.astype(np.float64) ** 2 * v).sum(1)
-        if a_all is not None:
-            a = a_all[e].astype(np.float64)
-            num += (d @ a) ** 2
-            den += (x @ a) ** 2
-        err_total += share[e] * num.sum() * ne1 / len(rows)
-        energy_total += share[e] * den.sum() * ne1 / len(rows)
+        num = (d * d * v).sum(1) + (0.0 if a is None else (d @ a) ** 2)
+        err_total += share[e] * float(num @ np.asarray(scales))
+        energy_total += share[e] * float(energy.sum())
     return err_total, energy_total
 
 
@@ -311,6 +310,20 @@ def test_state_file_reuse_and_rejection(
             smollm2_f16, smol_imatrix, state=state, nthread=2, sample_elements=SAMPLE, progress=False
         )
     assert {n: c.errors for n, c in again.curves.items()} == {n: c.errors for n, c in first.curves.items()}
+
+    # another scoring version (same model and imatrix): the curves are rescored, the measured probes kept
+    # (their KL divergences do not depend on how errors are scored); another imatrix drops them as well
+    doc = json.loads(state.read_text(encoding="utf-8"))
+    key = doc["key"]
+    doc["key"] = {**key, "scoring": key["scoring"] - 1}
+    doc["probes"] = {"cal": {"ffn_down@0": 0.01}}
+    state.write_text(json.dumps(doc), encoding="utf-8")
+    older = load_state(state, key)
+    assert older.tensors == {}
+    assert older.probes == {"cal": {"ffn_down@0": 0.01}}
+    doc["key"]["imatrix"] = "another"
+    state.write_text(json.dumps(doc), encoding="utf-8")
+    assert load_state(state, key).probes == {}
 
     # another imatrix (same model): reported and rebuilt, never reused
     im = Imatrix.load(smol_imatrix)

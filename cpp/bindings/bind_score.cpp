@@ -1,6 +1,7 @@
 #include "bindings.h"
 
 #include "llqx_score.h"
+#include "llqx_score_sample.h"
 
 #include <atomic>
 #include <memory>
@@ -95,12 +96,15 @@ void bind_score(py::module_ & m) {
         .def(py::init<>())
         .def("set", [](score_cancel & c) { c.flag = true; })
         .def("is_set", [](const score_cancel & c) { return c.flag.load(); });
-    m.def("score_sample_rows", [](const std::string & name, int32_t expert, int64_t n_rows, int64_t n_sample) {
+    m.def("score_sample_rows", [](const std::string & name, int32_t expert, const std::vector<double> & energy,
+                                  int64_t n_sample) {
         std::vector<int64_t> rows;
-        llqx_score_sample_rows(name, expert, n_rows, n_sample, rows);
-        return rows;
-    }, py::arg("name"), py::arg("expert"), py::arg("n_rows"), py::arg("n_sample"),
-       "the rows the scorer samples from one expert slice");
+        std::vector<double>  scales;
+        llqx_score_sample_rows(name, expert, energy, n_sample, rows, scales);
+        return py::make_tuple(rows, scales);
+    }, py::arg("name"), py::arg("expert"), py::arg("energy"), py::arg("n_sample"),
+       "the rows the scorer samples from one expert slice given every row's energy, and the inverse of each "
+       "row's inclusion probability: (rows, scales)");
     m.def("score_run", &score_run, py::arg("path"), py::arg("jobs"), py::arg("nthread") = 1,
           py::arg("sample_elements") = 1 << 20, py::arg("min_rows") = 16,
           py::arg("callback") = py::none(), py::arg("cancel") = nullptr,

@@ -35,9 +35,10 @@ from .types import ggml_type
 
 log = logging.getLogger("llqx")
 
-SCORING_VERSION = 2
+SCORING_VERSION = 3
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
-# the estimate is a per-row mean, so it needs rows from all over the tensor more than many rows
+# rows are drawn in proportion to their output energy (every row's energy is read; the largest are always
+# taken), so a few thousand rows estimate a tensor's error closely
 SAMPLE_FRACTION = 1 / 32
 SAMPLE_FLOOR = 1 << 15
 SAMPLE_CAP = 1 << 18

@@ -102,6 +102,8 @@ def _describe_mismatch(found: dict[str, Any], want: dict[str, Any]) -> str:
 # keys of earlier layouts that no longer take part in the match: the candidate list (each entry now
 # names the types it holds, so the list it was scored against does not matter)
 _RETIRED_KEYS = ("candidates",)
+# the parts of the key the stored probes depend on
+_PROBE_KEYS = ("model", "imatrix")
 
 
 def check_state_path(path: Path, others: dict[str, str | os.PathLike[str] | None]) -> None:
@@ -145,6 +147,10 @@ def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
     found = {k: v for k, v in found.items() if k not in _RETIRED_KEYS}
     if found != key:
         log.warning("state file %s was made for %s: rebuilding it", path, _describe_mismatch(found, key))
+        # a probe's KL divergence depends on the model, the imatrix and its own key (the calibration),
+        # not on how errors are scored: a new scoring version keeps the forward passes already run
+        if all(found.get(k) == key.get(k) for k in _PROBE_KEYS):
+            _load_probes(doc, state)
         return state
     for name, t in tensors.items():
         try:
@@ -163,6 +169,11 @@ def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
             log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
             continue
         state.tensors[str(name)] = TensorScore(types, errors, rows, energy)
+    _load_probes(doc, state)
+    return state
+
+
+def _load_probes(doc: dict[str, Any], state: ScoreState) -> None:
     probes = doc.get("probes", {})
     for pkey, groups in probes.items() if isinstance(probes, dict) else ():
         try:
@@ -171,4 +182,3 @@ def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
             continue
         if all(v == v and v >= 0.0 for v in klds.values()):
             state.probes[str(pkey)] = klds
-    return state

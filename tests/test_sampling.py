@@ -1,0 +1,80 @@
+"""The scorer's row sampling (cpp/llqx_score_sample.cpp) against probabilities worked out here in numpy:
+the largest rows always taken, the rest evenly spaced, each row standing for 1 / its probability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llqx import _core
+
+
+def _inclusion(energy: np.ndarray, n_sample: int) -> np.ndarray:
+    """Each row's probability of being sampled. Largest first, a row is taken for certain while it holds at
+    least the energy one sampled row of the rest stands for (the rest's energy over the samples left for
+    it); every other row has the same probability: the samples left over the rows left."""
+    order = np.argsort(-energy, kind="stable")
+    rest, taken = energy.sum(), 0
+    while taken < n_sample and rest > 0 and energy[order[taken]] * (n_sample - taken) >= rest:
+        rest -= energy[order[taken]]
+        taken += 1
+    pi = np.full(len(energy), (n_sample - taken) / (len(energy) - taken))
+    pi[order[:taken]] = 1.0
+    return pi
+
+
+def _heavy_tailed(n: int) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    energy = rng.lognormal(0.0, 1.5, n)
+    energy[11] = energy.sum()  # a massive-activation row: half of all the energy
+    energy[[40, 41, 300]] = 0.0
+    return energy
+
+
+def test_largest_rows_always_and_the_rest_evenly() -> None:
+    energy = _heavy_tailed(600)
+    n_sample, trials = 40, 3000
+    pi = _inclusion(energy, n_sample)
+    hits = np.zeros(len(energy))
+    for k in range(trials):
+        rows, scales = _core.score_sample_rows(f"blk.{k}.ffn_down.weight", 0, energy, n_sample)
+        assert len(rows) == n_sample
+        assert np.all(np.diff(rows) > 0)  # sorted and distinct
+        assert np.asarray(scales) == pytest.approx(1.0 / pi[rows], rel=1e-9)
+        hits[rows] += 1
+    assert pi[11] == 1.0
+    assert hits[11] == trials
+    # every row's hit rate against its probability, within 5 binomial standard deviations (and 3 hits)
+    tolerance = 5 * np.sqrt(trials * pi * (1 - pi)) + 3
+    assert np.all(np.abs(hits - trials * pi) <= tolerance)
+
+
+def test_sampled_sums_are_unbiased_and_catch_the_massive_row() -> None:
+    energy = _heavy_tailed(600)
+    rng = np.random.default_rng(3)
+    error = energy * rng.uniform(0.5, 1.5, len(energy))  # quantization error roughly follows energy
+    n_sample, trials = 40, 2000
+    estimates = []
+    for k in range(trials):
+        rows, scales = _core.score_sample_rows(f"t{k}", 0, energy, n_sample)
+        estimates.append(float(error[rows] @ np.asarray(scales)))
+    estimates_arr = np.asarray(estimates) / error.sum()
+    assert abs(estimates_arr.mean() - 1.0) < 5 * estimates_arr.std() / np.sqrt(trials)
+    # evenly spaced rows over all of them (the sampling before energies were read) miss the massive row
+    # or count it 15 times over
+    stride = len(energy) / n_sample
+    even = [error[np.floor((p + np.arange(n_sample)) * stride).astype(int)].sum() * stride
+            for p in rng.uniform(size=trials)]
+    assert estimates_arr.std() * 10 < np.std(even) / error.sum()
+
+
+def test_edge_cases() -> None:
+    rows, scales = _core.score_sample_rows("w", 0, np.ones(5), 8)
+    assert rows == [0, 1, 2, 3, 4]
+    assert scales == [1.0] * 5
+    rows, scales = _core.score_sample_rows("w", 0, np.zeros(100), 10)  # no energy: all evenly spaced
+    assert len(set(rows)) == 10
+    assert scales == pytest.approx([10.0] * 10)
+    first = _core.score_sample_rows("w", 3, _heavy_tailed(600), 40)
+    assert first == _core.score_sample_rows("w", 3, _heavy_tailed(600), 40)  # deterministic by name, expert
+    assert first != _core.score_sample_rows("w", 4, _heavy_tailed(600), 40)
