@@ -37,8 +37,8 @@ log = logging.getLogger("llqx")
 
 SCORING_VERSION = 3
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
-# rows are drawn in proportion to their output energy (every row's energy is read; the largest are always
-# taken), so a few thousand rows estimate a tensor's error closely
+# every row's energy is read; the largest rows are always in the sample and the rest are evenly spaced
+# (cpp/llqx_score_sample.cpp)
 SAMPLE_FRACTION = 1 / 32
 SAMPLE_FLOOR = 1 << 15
 SAMPLE_CAP = 1 << 18
