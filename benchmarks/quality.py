@@ -161,6 +161,16 @@ def proxy_errors(
     return out
 
 
+def without_sketch(imatrix: Path, work: Path) -> Path:
+    """A copy of the imatrix without its sketches of Σ x xᵀ, for llqx only (the A/B of --no-sketch)."""
+    im = llqx.Imatrix.load(imatrix)
+    for e in im.entries.values():
+        e.in_sketch = None
+    out = work / f"{imatrix.stem}.no-sketch.gguf"
+    im.save(out)
+    return out
+
+
 def llqx_quantize_cmd() -> list[str]:
     exe = shutil.which("llqx-quantize")
     if exe:
@@ -186,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-chunks", type=int, default=32, help="imatrix chunks of c4 (default 32)")
     ap.add_argument("--calib-ctx", type=int, default=512, help="imatrix chunk size (default 512)")
     ap.add_argument("--imatrix", default=None, help="use this imatrix instead of building one")
+    ap.add_argument("--no-sketch", action="store_true",
+                    help="llqx scores without the imatrix's sketch of Σ x xᵀ (E[x²] and the mean only); the "
+                         "recipes use the same file, so a run with --reuse compares the two")
     ap.add_argument("--calibrate", type=int, default=4, metavar="N",
                     help="llqx measures sensitivities on N chunks of c4 (--calibration-file); 0: estimator only")
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
@@ -287,7 +300,7 @@ def make_llqx(
     (with calibration text, the first call also measures the sensitivities)."""
     files: dict[str, Path] = {}
     seconds: dict[str, float] = {}
-    state = s.work / "llqx-state.json"
+    state = s.work / f"{s.name}-llqx-state.json"
     state.unlink(missing_ok=True)  # the first call scores (timed as such), the rest reuse the state
     for r in s.recipes:
         target = llqx.inspect(recipe_files[r]).bpw
@@ -359,7 +372,8 @@ def run(args: argparse.Namespace) -> int:
     if args.only_recipes:
         return 0
     calibration = None if args.skip_llqx else calibration_file(s.work, args.calibrate)
-    llqx_files, llqx_times = ({}, {}) if args.skip_llqx else make_llqx(s, imatrix, recipe_files, calibration,
+    llqx_imatrix = without_sketch(imatrix, s.work) if args.no_sketch else imatrix
+    llqx_files, llqx_times = ({}, {}) if args.skip_llqx else make_llqx(s, llqx_imatrix, recipe_files, calibration,
                                                                       args.calibrate)
     result, cached, eval_settings = evaluate_all(args, s, recipe_files, llqx_files, times)
     by_path = {q.path: q for q in result.quants}
@@ -370,7 +384,8 @@ def run(args: argparse.Namespace) -> int:
     proxy: dict[str, float] = {}
     if not args.skip_llqx:
         quants = [Path(q.path) for q in result.quants]
-        proxy = proxy_errors(s.model, imatrix, s.work / "llqx-state.json", quants, calibration, args.calibrate)
+        proxy = proxy_errors(s.model, llqx_imatrix, s.work / f"{s.name}-llqx-state.json", quants, calibration,
+                             args.calibrate)
         for p in points:
             for prefix, files in (("recipe", recipe_files), ("llqx", llqx_files)):
                 r = str(p["recipe"])
@@ -386,7 +401,8 @@ def run(args: argparse.Namespace) -> int:
         "reference": s.reference,
         "eval_text": "wiki (exllamav2 0.3.2 standard_cal_data/wiki.utf8), held out",
         "calib_text": "c4 (exllamav2 0.3.2 standard_cal_data/c4.utf8)",
-        "imatrix": {"path": str(imatrix), "how": im_how, "chunks": args.calib_chunks, "ctx": args.calib_ctx},
+        "imatrix": {"path": str(imatrix), "how": im_how, "chunks": args.calib_chunks, "ctx": args.calib_ctx,
+                    "llqx_sketch": not args.no_sketch and llqx.Imatrix.load(imatrix).has_sketch},
         "llqx_calibration": {"text": "c4", "chunks": args.calibrate, "ctx": 512} if calibration else None,
         "eval": {
             "ctx": result.ctx,

@@ -61,6 +61,7 @@ llqx_imatrix_collector * llqx_imatrix_init(const llqx_imatrix_params & params, l
     auto * col = new llqx_imatrix_collector();
     col->params = params;
     col->accum.process_output = params.process_output;
+    col->accum.sketch_rank    = params.sketch_rank < 0 ? 0 : params.sketch_rank;
 
     col->model = llqx_model_load(params.model_path, params.n_gpu_layers, params.repack, false, err);
     if (col->model == nullptr) {

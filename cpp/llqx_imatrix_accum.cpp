@@ -59,6 +59,7 @@ static llqx_imatrix_stats * imatrix_stats_get(llqx_imatrix_accum * acc, const st
         e.in_sum2.assign(n_per_row * n_mat, 0.0f);
         e.in_sum.assign(n_per_row * n_mat, 0.0);
         e.counts.assign(n_counts, 0);
+        llqx_sketch_init(e.sketch, n_per_row, n_mat == 1 ? acc->sketch_rank : 0);
     } else if (e.n_per_row != n_per_row || e.n_expert != n_mat) {
         imatrix_fail(acc, "inconsistent size for " + wname);
         return nullptr;
@@ -155,6 +156,7 @@ static bool imatrix_collect_mul_mat(llqx_imatrix_accum * acc, const ggml_tensor 
             for (int64_t row = 0; row < src1->ne[1]; ++row) {
                 const float * x = (const float *) (data + row * src1->nb[1] + i2 * src1->nb[2] + i3 * src1->nb[3]);
                 imatrix_accumulate(s2, s1, x, ne0);
+                llqx_sketch_add(e.sketch, x);
             }
         }
     }
@@ -222,6 +224,10 @@ void llqx_imatrix_accum_entries(const llqx_imatrix_accum & acc, std::vector<llqx
         e.in_sum2   = kv.second.in_sum2;
         e.in_sum    = kv.second.in_sum;
         e.counts    = kv.second.counts;
+        if (kv.second.sketch.rank > 0) {
+            e.sketch_rank = kv.second.sketch.rank;
+            llqx_sketch_result(kv.second.sketch, e.in_sketch);
+        }
         if ((int64_t) e.counts.size() != e.n_expert) {
             // a dense 3-D weight has one count: its matrices form one row, like llama-imatrix writes it
             e.n_per_row = e.n_per_row * e.n_expert / (int64_t) e.counts.size();

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "llqx_imatrix.h"
+#include "llqx_sketch.h"
 
 #include <atomic>
 #include <cstdint>
@@ -18,10 +19,12 @@ struct llqx_imatrix_stats {
     std::vector<float>   in_sum2; // float, summed in llama-imatrix's order: bit-identical to its file
     std::vector<double>  in_sum;  // double: a sum with cancellation
     std::vector<int64_t> counts;
+    llqx_sketch          sketch;  // dense tensors only: Σ x xᵀ beyond its diagonal
 };
 
 struct llqx_imatrix_accum {
-    bool process_output = false; // also collect output.weight
+    bool    process_output = false; // also collect output.weight
+    int32_t sketch_rank    = 0;     // rows of each dense tensor's second-moment sketch; 0: none
 
     std::map<std::string, llqx_imatrix_stats> stats;
 

@@ -18,6 +18,35 @@
 // rows of one work item: a block never crosses an expert boundary
 static const int64_t LLQX_SCORE_BLOCK_ELEMENTS = 32 * 1024;
 
+// dᵀ·(diag(v) + Σ_k a_k a_kᵀ)·d for one row d of n values: v nullptr counts 1 per column, a holds n_dir
+// rows of n
+static double score_quadratic(const double * d, const float * v, const float * a, int32_t n_dir, int64_t n) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < n; ++k) {
+        sum += (v ? (double) v[k] : 1.0) * d[k] * d[k];
+    }
+    for (int32_t i = 0; i < n_dir; ++i) {
+        const float * ai = a + (size_t) i * (size_t) n;
+        double p = 0.0;
+        for (int64_t k = 0; k < n; ++k) {
+            p += (double) ai[k] * d[k];
+        }
+        sum += p * p;
+    }
+    return sum;
+}
+
+// the error metric's diagonal of expert slice e (the importance values unless the job gives its own), and
+// its n_dir directions (nullptr when none)
+static const float * job_diagonal(const llqx_score_job & j, int64_t e) {
+    const std::vector<float> & v = j.diagonal.empty() ? j.weights : j.diagonal;
+    return v.empty() ? nullptr : v.data() + (size_t) e * (size_t) j.ne[0];
+}
+
+static const float * job_directions(const llqx_score_job & j, int64_t e) {
+    return j.n_dir == 0 ? nullptr : j.directions.data() + (size_t) e * (size_t) j.n_dir * (size_t) j.ne[0];
+}
+
 namespace {
 
 struct score_block {
@@ -88,7 +117,8 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             return -1;
         }
         const size_t nw = (size_t) (j.ne[0] * j.ne[2]);
-        if ((!j.weights.empty() && j.weights.size() != nw) || (!j.activations.empty() && j.activations.size() != nw)) {
+        if ((!j.weights.empty() && j.weights.size() != nw) || (!j.diagonal.empty() && j.diagonal.size() != nw) ||
+            j.n_dir < 0 || j.directions.size() != nw * (size_t) j.n_dir) {
             err = { LLQX_STATUS_INPUT, "importance data of " + j.name + " does not match its shape" };
             return -1;
         }
@@ -237,23 +267,20 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         st.row_scale.assign(st.rows.size(), 0.0);
         st.slice_energy.assign((size_t) j.ne[2], 0.0);
         std::vector<float>   xr((size_t) ne0);
+        std::vector<double>  xd((size_t) ne0);
         std::vector<double>  energy((size_t) j.ne[1]);
         std::vector<int64_t> rows;
         std::vector<double>  scales;
         for (int64_t e = 0; e < j.ne[2]; ++e) {
-            const float * v = j.weights.empty() ? nullptr : j.weights.data() + (size_t) e * (size_t) ne0;
-            const float * a = j.activations.empty() ? nullptr : j.activations.data() + (size_t) e * (size_t) ne0;
+            const float * v = job_diagonal(j, e);
+            const float * a = job_directions(j, e);
             double slice = 0.0;
             for (int64_t r = 0; r < j.ne[1]; ++r) {
                 read_row(e * j.ne[1] + r, xr.data());
-                double den = 0.0, ax = 0.0;
                 for (int64_t k = 0; k < ne0; ++k) {
-                    den += (v ? (double) v[k] : 1.0) * (double) xr[(size_t) k] * (double) xr[(size_t) k];
-                    if (a) {
-                        ax += (double) a[k] * (double) xr[(size_t) k];
-                    }
+                    xd[(size_t) k] = (double) xr[(size_t) k];
                 }
-                energy[(size_t) r] = den + ax * ax;
+                energy[(size_t) r] = score_quadratic(xd.data(), v, a, j.n_dir, ne0);
                 slice += energy[(size_t) r];
             }
             st.slice_energy[(size_t) e] = slice;
@@ -274,6 +301,7 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
     auto worker = [&]() {
         std::vector<uint8_t> qbuf(max_qrow * (size_t) max_block_rows);
         std::vector<float>   ybuf((size_t) (max_ne0 * max_block_rows));
+        std::vector<double>  dbuf((size_t) max_ne0);
         while (!stop.load() && !(cancel != nullptr && cancel->load())) {
             const size_t ii = next.fetch_add(1);
             if (ii >= items.size()) {
@@ -294,7 +322,8 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             const ggml_type qt = (ggml_type) j.candidates[(size_t) it.cand];
             const float * x = st.data.data() + blk.first * ne0;
             const float * v = j.weights.empty() ? nullptr : j.weights.data() + (size_t) blk.expert * (size_t) ne0;
-            const float * a = j.activations.empty() ? nullptr : j.activations.data() + (size_t) blk.expert * (size_t) ne0;
+            const float * dv = job_diagonal(j, blk.expert);
+            const float * a = job_directions(j, blk.expert);
             const size_t qrow = ggml_row_size(qt, ne0);
             ggml_quantize_chunk(qt, x, qbuf.data(), 0, blk.count, ne0, v);
             const ggml_type_traits * tt = ggml_get_type_traits(qt);
@@ -305,15 +334,10 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             for (int64_t r = 0; r < blk.count; ++r) {
                 const float * xr = x + r * ne0;
                 const float * yr = ybuf.data() + r * ne0;
-                double num = 0.0, ae = 0.0;
                 for (int64_t k = 0; k < ne0; ++k) {
-                    const double d = (double) yr[k] - (double) xr[k];
-                    num += (v ? (double) v[k] : 1.0) * d * d;
-                    if (a) {
-                        ae += (double) a[k] * d;
-                    }
+                    dbuf[(size_t) k] = (double) yr[k] - (double) xr[k];
                 }
-                out[r] = num + ae * ae;
+                out[r] = score_quadratic(dbuf.data(), dv, a, j.n_dir, ne0);
             }
             bool last = false;
             {

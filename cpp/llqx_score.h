@@ -15,8 +15,11 @@ struct llqx_score_job {
     int64_t              ne[3];        // n_per_row, rows per expert, experts
     uint64_t             offset;       // absolute byte offset of the data in the file
     std::vector<int32_t> candidates;   // ggml types to score (already width-compatible)
-    std::vector<float>   weights;      // ne[2] * ne[0] importance values (E[x^2]), or empty: plain MSE
-    std::vector<float>   activations;  // ne[2] * ne[0] mean activations (E[x]), or empty: no bias term
+    std::vector<float>   weights;      // ne[2] * ne[0] importance values (E[x^2]) for the quantizer, or empty: plain MSE
+    // the second moments E[x xᵀ] the error is weighted with: diag(diagonal) + Σ_d dir_d dir_dᵀ per expert
+    std::vector<float>   diagonal;     // ne[2] * ne[0], or empty: the importance values
+    std::vector<float>   directions;   // ne[2] * n_dir * ne[0] (e.g. the mean activation, n_dir = 1), or empty
+    int32_t              n_dir = 0;
     int64_t              sample_elements = 0; // elements to sample (over all experts); 0: the run's default
 };
 
@@ -26,6 +29,7 @@ struct llqx_score_params {
     int64_t min_rows        = 16;      // rows sampled per expert slice at least (all when fewer)
 };
 
+// the expected squared output of a row of error (or weight) d: dᵀ·(diag(diagonal) + Σ dir dirᵀ)·d
 // called (serialized, from any thread) when one job's curve is complete. errors holds
 // (n_candidates + 1) * n_expert values: errors[c * n_expert + e] is the summed expected squared output
 // error of expert slice e under candidates[c] (estimated from the sampled rows, each weighted by the inverse

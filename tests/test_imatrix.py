@@ -83,6 +83,14 @@ def test_dense_matches_upstream(dense_pair: tuple[Path, Path]) -> None:
         np.testing.assert_array_equal(ours.entries[name].in_sum2, e.in_sum2, err_msg=name)
     assert ours.has_activations
     assert not up.has_activations
+    # every dense tensor carries its sketch of Σ x xᵀ (upstream's file none), which never exceeds the
+    # diagonal it sketches (Σx² − diag(BᵀB) ≥ 0: the difference is positive semi-definite)
+    assert not up.has_sketch
+    for name, e in ours.entries.items():
+        assert e.in_sketch is not None, name
+        assert e.in_sketch.shape == (8, e.n_per_row), name
+        diag = (e.in_sketch.astype(np.float64) ** 2).sum(0)
+        assert np.all(diag <= e.in_sum2[0] * (1 + 1e-4) + 1e-6), name
     assert (ours.chunk_count, ours.chunk_size, ours.datasets) == (up.chunk_count, up.chunk_size, up.datasets)
     assert ours.chunk_count == CHUNKS
     # the counts are tokens: every token of every chunk reaches every block weight
@@ -115,6 +123,17 @@ def test_in_sum_matches_numpy_layer0(dense_pair: tuple[Path, Path], smollm2_f16:
         scale = np.sqrt(e.in_sum2[0].astype(np.float64) * e.counts[0])  # typical size of the sum's terms
         assert np.max(np.abs(e.in_sum[0] - x.sum(axis=0)) / scale) < 1e-4, name
         np.testing.assert_allclose(ours.activations(name)[0], x.mean(axis=0), atol=1e-4 * np.abs(x).max())
+        # the sketch against numpy's second moments of the same rows: below them, numpy's leading
+        # eigenvectors, each energy within Frequent Directions' bound (16 directions kept while streaming)
+        b = e.in_sketch.astype(np.float64)
+        m = x.T @ x
+        lam, vecs = np.linalg.eigh(m)
+        lam, vecs = lam[::-1], vecs[:, ::-1]
+        assert np.linalg.eigvalsh(m - b.T @ b)[0] >= -1e-4 * lam[0], name
+        bound = lam[3:].sum() / (16 + 1 - 3)
+        for i in range(3):
+            assert abs(b[i] @ vecs[:, i]) / np.linalg.norm(b[i]) > 0.99, (name, i)
+            assert lam[i] - bound <= float(b[i] @ b[i]) <= lam[i] * (1 + 1e-4), (name, i)
 
 
 def test_quantize_output_identical(dense_pair: tuple[Path, Path], smollm2_f16: Path,

@@ -52,6 +52,22 @@ def moe_scores(moe_f16: Path, moe_imatrix: Path, states: Path) -> llqx.Scores:
     )
 
 
+@pytest.fixture(scope="session")
+def sketch_imatrix(tmp_path_factory: pytest.TempPathFactory, smollm2_f16: Path, calib_text: Path) -> Path:
+    """llqx's own imatrix of SmolLM2 (with in_sum and the sketch of Σ x xᵀ), 3 chunks of 128 tokens."""
+    out = tmp_path_factory.mktemp("im") / "smol.llqx.gguf"
+    text = calib_text.read_text(encoding="utf-8")
+    llqx.collect_imatrix(smollm2_f16, text, n_ctx=128, chunks=3, threads=2, compute_ppl=False).save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sketch_scores(smollm2_f16: Path, sketch_imatrix: Path, states: Path) -> llqx.Scores:
+    return score(
+        smollm2_f16, sketch_imatrix, state=states / "sketch", nthread=2, sample_elements=SAMPLE, progress=False
+    )
+
+
 ScoredModel = tuple[Path, Path, llqx.Scores]  # model, imatrix, full scores
 
 
@@ -87,30 +103,42 @@ def _reference_sums(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int,
     v_all = im.values(name)
     a_all = im.activations(name)
     counts = np.asarray(im.entries[name].counts, dtype=np.float64).reshape(-1)
+    sketch = im.entries[name].in_sketch
     share = counts / counts.sum() if ne2 > 1 else np.ones(1)
     per_expert = max(MIN_ROWS, (sample // ne2 + ne0 - 1) // ne0)
     err_total = energy_total = 0.0
+
+    def quadratic(rows: np.ndarray, v: np.ndarray, dirs: np.ndarray | None) -> np.ndarray:
+        """dᵀ·(diag(v) + Σ a aᵀ)·d per row d."""
+        return (rows**2 * v).sum(1) + (0.0 if dirs is None else ((rows @ dirs.T) ** 2).sum(1))
+
     for e in range(ne2):
         v = v_all[e].astype(np.float64)
-        a = None if a_all is None else a_all[e].astype(np.float64)
+        a = None if a_all is None else a_all[e].astype(np.float64)[None]
+        if sketch is not None:
+            # E[x xᵀ] ≈ diag(E[x²] − Σ a²) + Σ a aᵀ, a = the sketch's rows per token (float32, as the scorer gets them)
+            a = (sketch.astype(np.float64) / np.sqrt(np.rint(counts[0]))).astype(np.float32).astype(np.float64)
+            v = np.maximum(v - (a**2).sum(0), 0.0).astype(np.float32).astype(np.float64)
         whole = np.asarray(src[e], dtype=np.float64)
-        energy = (whole**2 * v).sum(1) + (0.0 if a is None else (whole @ a) ** 2)
+        energy = quadratic(whole, v, a)
         rows, scales = _core.score_sample_rows(name, e, energy, per_expert)
         x = np.asarray(src[e, rows], dtype=np.float32)
         y = _core.dequantize_rows(type_id, _core.quantize_rows(type_id, x, v_all[e]), ne0).astype(np.float64)
-        d = y - x
-        num = (d * d * v).sum(1) + (0.0 if a is None else (d @ a) ** 2)
+        num = quadratic(y - x, v, a)
         err_total += share[e] * float(num @ np.asarray(scales))
         energy_total += share[e] * float(energy.sum())
     return err_total, energy_total
 
 
 def test_scorer_matches_numpy_reference(
-    smol_scores: llqx.Scores, moe_scores: llqx.Scores, smol_imatrix: Path, moe_imatrix: Path, states: Path
+    smol_scores: llqx.Scores, moe_scores: llqx.Scores, smol_imatrix: Path, moe_imatrix: Path, states: Path,
+    sketch_scores: llqx.Scores, sketch_imatrix: Path,
 ) -> None:
     # the state holds each tensor's own expected squared output error per type and its output energy;
     # the curves are those errors times output_weights (tested by hand below)
     for scores, imf, state, name in (
+        (sketch_scores, sketch_imatrix, states / "sketch", "blk.3.ffn_down.weight"),
+        (sketch_scores, sketch_imatrix, states / "sketch", "blk.5.attn_v.weight"),
         (smol_scores, smol_imatrix, states / "smol", "blk.3.ffn_down.weight"),
         (smol_scores, smol_imatrix, states / "smol", "blk.5.attn_v.weight"),
         (moe_scores, moe_imatrix, states / "moe", "blk.2.ffn_down_exps.weight"),

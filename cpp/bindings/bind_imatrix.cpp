@@ -43,7 +43,13 @@ static py::dict imatrix_entries_dict(const llqx_imatrix_collector * col) {
         std::copy(e.in_sum2.begin(), e.in_sum2.end(), in_sum2.mutable_data());
         std::copy(e.in_sum.begin(), e.in_sum.end(), in_sum.mutable_data());
         std::copy(e.counts.begin(), e.counts.end(), counts.mutable_data());
-        out[py::str(e.name)] = py::make_tuple(in_sum2, in_sum, counts);
+        py::object in_sketch = py::none();
+        if (e.sketch_rank > 0) {
+            py::array_t<float> sk({ (py::ssize_t) e.sketch_rank, nr });
+            std::copy(e.in_sketch.begin(), e.in_sketch.end(), sk.mutable_data());
+            in_sketch = sk;
+        }
+        out[py::str(e.name)] = py::make_tuple(in_sum2, in_sum, counts, in_sketch);
     }
     return out;
 }
@@ -59,7 +65,8 @@ void bind_imatrix(py::module_ & m) {
         .def_readwrite("n_gpu_layers", &llqx_imatrix_params::n_gpu_layers)
         .def_readwrite("repack", &llqx_imatrix_params::repack)
         .def_readwrite("process_output", &llqx_imatrix_params::process_output)
-        .def_readwrite("compute_ppl", &llqx_imatrix_params::compute_ppl);
+        .def_readwrite("compute_ppl", &llqx_imatrix_params::compute_ppl)
+        .def_readwrite("sketch_rank", &llqx_imatrix_params::sketch_rank);
 
     py::class_<imatrix_collector_handle, std::shared_ptr<imatrix_collector_handle>>(m, "ImatrixCollector")
         .def(py::init([](const llqx_imatrix_params & params) {

@@ -21,6 +21,7 @@ void bind_model(py::module_ & m);
 void bind_probe(py::module_ & m);
 void bind_quantize(py::module_ & m);
 void bind_score(py::module_ & m);
+void bind_sketch(py::module_ & m);
 void bind_types(py::module_ & m);
 
 // raises the Python class of err.status (LoadError, InputError or CoreError, made by bind_errors) with

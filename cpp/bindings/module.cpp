@@ -11,5 +11,6 @@ PYBIND11_MODULE(_core, m) {
     bind_probe(m);
     bind_quantize(m);
     bind_score(m);
+    bind_sketch(m);
     bind_types(m);
 }

@@ -1,7 +1,9 @@
-"""Importance-matrix files: upstream GGUF (with or without ``in_sum``) and legacy ``.dat``.
+"""Importance-matrix files: upstream GGUF (with or without llqx's extensions) and legacy ``.dat``.
 
 Per weight tensor and per MoE expert the record holds raw sums over routed token rows:
-``in_sum2`` = Σx², ``in_sum`` = Σx (llqx's extension; None in upstream files) and ``counts``.
+``in_sum2`` = Σx², ``in_sum`` = Σx and ``counts``; for a dense tensor also ``in_sketch``, a few
+directions of Σ x xᵀ beyond its diagonal. ``in_sum`` and ``in_sketch`` are llqx's extensions (None in
+upstream files, which llama.cpp reads as its own).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _core
 from .atomic import atomic_path
 from .errors import LlqxError
 from .model import ModelInfo
@@ -30,6 +33,8 @@ class ImatrixEntry:
     in_sum2: np.ndarray
     counts: np.ndarray
     in_sum: np.ndarray | None = None
+    # dense tensors: (rank, n_per_row) orthogonal rows b_i with Σ b_i b_iᵀ ⪯ Σ x xᵀ (cpp/llqx_sketch.h)
+    in_sketch: np.ndarray | None = None
 
     @property
     def n_expert(self) -> int:
@@ -50,6 +55,10 @@ class Imatrix:
     chunk_size: int = 0
     legacy: bool = False  # read from a .dat file: in_sum2 holds mean·ncall, counts the ncall
     has_metadata: bool = True  # a GGUF file had datasets, chunk_count and chunk_size (upstream requires them)
+
+    @property
+    def has_sketch(self) -> bool:
+        return any(e.in_sketch is not None for e in self.entries.values())
 
     @property
     def has_activations(self) -> bool:
@@ -86,6 +95,20 @@ class Imatrix:
         out[seen] = e.in_sum[seen].astype(np.float32) / counts[seen, None]
         return out
 
+    def second_moments(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """E[x xᵀ] of a dense tensor's input as diag(d) + Σ_i a_i a_iᵀ: (d (1, n), a (1, rank, n)), float32.
+
+        The a_i are the sketch's directions per token; d is what E[x²] leaves on the diagonal, so the
+        diagonal of the whole is exactly E[x²]. None without a sketch, or where no token was counted.
+        """
+        e = self.entries[name]
+        count = float(np.rint(e.counts.reshape(-1)[0])) if e.counts.size == 1 else 0.0
+        if e.in_sketch is None or count <= 0:
+            return None
+        directions = (e.in_sketch.astype(np.float64) / np.sqrt(count)).astype(np.float32)
+        rest = self.values(name).astype(np.float64) - np.sum(np.square(directions.astype(np.float64)), axis=0)
+        return np.maximum(rest, 0.0).astype(np.float32), directions[None]
+
     def quantize_weights(self) -> dict[str, np.ndarray]:
         """The flat per-tensor weights llama_model_quantize takes (experts concatenated)."""
         return {name: self.values(name).reshape(-1) for name in self.entries}
@@ -115,7 +138,8 @@ class Imatrix:
         out = Imatrix({}, list(self.datasets), self.chunk_count, self.chunk_size, self.legacy)
         for name, e in self.entries.items():
             out.entries[name] = ImatrixEntry(e.in_sum2.copy(), e.counts.copy(),
-                                             None if e.in_sum is None else e.in_sum.copy())
+                                             None if e.in_sum is None else e.in_sum.copy(),
+                                             None if e.in_sketch is None else e.in_sketch.copy())
         return out
 
     def to_raw(self, chunk_size: int) -> Imatrix:
@@ -132,6 +156,7 @@ class Imatrix:
             e.in_sum2 = e.in_sum2.astype(np.float64) * chunk_size
             e.counts = np.full(e.n_expert, float(e.counts[0]) * chunk_size)
             e.in_sum = None
+            e.in_sketch = None
         out.legacy = False
         out.chunk_size = chunk_size
         return out
@@ -140,7 +165,8 @@ class Imatrix:
         """Sum the raw statistics of several runs over the same model (weighted by their counts).
 
         Legacy .dat records are turned into raw sums with this record's chunk size (llama-imatrix's rule).
-        ``in_sum`` survives only where every part has it.
+        ``in_sum`` and ``in_sketch`` survive only where every part has them; two sketches merge into the
+        sketch of their rows stacked.
         """
         chunk = self.chunk_size or next((o.chunk_size for o in others if o.chunk_size), 0)
         out = self.to_raw(chunk) if self.legacy else self.copy()
@@ -156,13 +182,14 @@ class Imatrix:
                 if mine is None:
                     in_sum = None if e.in_sum is None else e.in_sum.astype(np.float64)
                     out.entries[name] = ImatrixEntry(e.in_sum2.astype(np.float64),
-                                                     e.counts.astype(np.float64), in_sum)
+                                                     e.counts.astype(np.float64), in_sum, e.in_sketch)
                     continue
                 if mine.n_expert == 1 and e.n_expert > 1 and mine.n_per_row == e.n_per_row:
                     # an old file with one count for all experts: broadcast it (llama-imatrix does the same)
                     mine.in_sum2 = np.repeat(mine.in_sum2, e.n_expert, axis=0)
                     mine.counts = np.repeat(mine.counts, e.n_expert)
                     mine.in_sum = None if mine.in_sum is None else np.repeat(mine.in_sum, e.n_expert, axis=0)
+                    mine.in_sketch = None
                 if mine.in_sum2.shape != e.in_sum2.shape:
                     raise LlqxError(f"imatrix shapes differ for {name}: "
                                     f"{mine.in_sum2.shape} vs {e.in_sum2.shape}")
@@ -172,6 +199,7 @@ class Imatrix:
                     mine.in_sum = mine.in_sum.astype(np.float64) + e.in_sum
                 else:
                     mine.in_sum = None
+                mine.in_sketch = _merge_sketches(mine.in_sketch, e.in_sketch)
             # names only in `out` keep their sums: their in_sum stays valid (the other run did not see them)
         out.chunk_count = out.chunks_from_counts()
         return out
@@ -183,6 +211,12 @@ class Imatrix:
         top = max(float(np.max(e.counts)) if e.counts.size else 0.0 for e in self.entries.values())
         return round(top) // self.chunk_size
 
+
+
+def _merge_sketches(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    if a is None or b is None or a.shape[1] != b.shape[1]:
+        return None
+    return _core.sketch_rows(np.vstack([a, b]).astype(np.float32), max(a.shape[0], b.shape[0]))
 
 
 def _load_gguf(path: Path) -> Imatrix:
@@ -203,18 +237,21 @@ def _load_gguf(path: Path) -> Imatrix:
     parts: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
-        if suffix not in ("in_sum2", "in_sum", "counts"):
+        if suffix not in ("in_sum2", "in_sum", "counts", "in_sketch"):
             continue
         if t.tensor_type != gguf.GGMLQuantizationType.F32:
             raise LlqxError(f"imatrix tensor {t.name} must be F32 in {path}")
-        n_expert = int(t.shape[1]) if len(t.shape) > 1 else 1
-        parts.setdefault(base, {})[suffix] = np.array(t.data, dtype=np.float32).reshape(n_expert, -1)
+        n_rows = int(t.shape[1]) if len(t.shape) > 1 else 1  # experts; for in_sketch its rank
+        parts.setdefault(base, {})[suffix] = np.array(t.data, dtype=np.float32).reshape(n_rows, -1)
     if not parts:
         raise LlqxError(f"no imatrix data in {path}")
     for name, p in sorted(parts.items()):
         if "in_sum2" not in p or "counts" not in p:
             raise LlqxError(f"imatrix {path}: mismatched sums and counts for {name}")
-        im.entries[name] = ImatrixEntry(p["in_sum2"], p["counts"].reshape(-1), p.get("in_sum"))
+        sketch = p.get("in_sketch")
+        if sketch is not None and (p["in_sum2"].shape[0] != 1 or sketch.shape[1] != p["in_sum2"].shape[1]):
+            raise LlqxError(f"imatrix {path}: the sketch of {name} does not match its sums")
+        im.entries[name] = ImatrixEntry(p["in_sum2"], p["counts"].reshape(-1), p.get("in_sum"), sketch)
     return im
 
 
@@ -268,7 +305,8 @@ def _gguf_str(text: str) -> bytes:
 def _save_gguf(im: Imatrix, path: Path) -> None:
     """GGUF v3 laid out like llama-imatrix's: general.type, imatrix.* keys, then per tensor (by name)
     NAME.in_sum2 (ne [n_per_row, n_expert]), NAME.counts (ne [1, n_expert]) and, with activations,
-    NAME.in_sum. Written directly (gguf-py cannot write the empty dataset list upstream allows)."""
+    NAME.in_sum, with a sketch NAME.in_sketch (ne [n_per_row, rank]). Written directly (gguf-py cannot write
+    the empty dataset list upstream allows)."""
     tensors: list[tuple[str, np.ndarray]] = []
     for name in sorted(im.entries):
         e = im.entries[name]
@@ -276,6 +314,8 @@ def _save_gguf(im: Imatrix, path: Path) -> None:
         tensors.append((name + ".counts", np.ascontiguousarray(e.counts, dtype="<f4").reshape(e.n_expert, 1)))
         if e.in_sum is not None:
             tensors.append((name + ".in_sum", np.ascontiguousarray(e.in_sum, dtype="<f4")))
+        if e.in_sketch is not None:
+            tensors.append((name + ".in_sketch", np.ascontiguousarray(e.in_sketch, dtype="<f4")))
 
     kv = bytearray()
     kv += _gguf_str("general.type") + struct.pack("<I", _GGUF_STRING) + _gguf_str("imatrix")
@@ -386,6 +426,6 @@ def check_imatrix_fits(im: Imatrix, info: ModelInfo, source: str, every_entry: b
         if (have != want or (e.n_expert > 1 and e.n_expert != n_mat)) and "token_embd" not in name:
             raise LlqxError(f"imatrix {source} does not belong to this model: {name} has {e.n_expert} x "
                             f"{e.n_per_row} values, the model's weight is {n_mat} x {t.shape[0]}")
-        parts = [e.in_sum2, e.counts] + ([] if e.in_sum is None else [e.in_sum])
+        parts = [e.in_sum2, e.counts] + [x for x in (e.in_sum, e.in_sketch) if x is not None]
         if not all(np.isfinite(np.asarray(x, dtype=np.float64)).all() for x in parts):
             raise LlqxError(f"imatrix {source} holds NaN or infinite values for {name}")

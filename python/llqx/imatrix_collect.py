@@ -1,4 +1,5 @@
-"""Collecting an importance matrix with activations (Σx², Σx, counts) by running the model over text.
+"""Collecting an importance matrix with activations (Σx², Σx, counts, the sketch of Σ x xᵀ) by running the
+model over text.
 
 The C++ collector runs chunks exactly like llama-imatrix (same chunking, BOS, batching, perplexity);
 this module wraps it: the run happens in a worker thread with the GIL released, so Ctrl+C in the
@@ -50,6 +51,12 @@ class ImatrixRun:
     warnings: list[str] = field(default_factory=list)
 
 
+# directions of Σ x xᵀ stored per dense tensor: the imatrix pass sketches each tensor's input in 4·rank
+# rows of memory; the scorer weighs every error row with them (docs/method.md, importance matrix)
+SKETCH_RANK = 8
+MAX_SKETCH_RANK = 64
+
+
 def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
@@ -77,7 +84,8 @@ class ImatrixCollector:
 
     def __init__(self, model: str | os.PathLike[str], *, n_ctx: int = 512, n_batch: int = 2048,
                  n_ubatch: int = 512, threads: int | None = None, n_gpu_layers: int = -1,
-                 process_output: bool = False, compute_ppl: bool = True, repack: bool = True) -> None:
+                 process_output: bool = False, compute_ppl: bool = True, repack: bool = True,
+                 sketch_rank: int = SKETCH_RANK) -> None:
         path = Path(model)
         if not path.is_file():
             raise LlqxError(f"model not found: {path}")
@@ -85,6 +93,8 @@ class ImatrixCollector:
             raise LlqxError("the context size (-c) must be > 0")
         if n_batch <= 0 or n_ubatch <= 0:
             raise LlqxError("batch sizes (-b, -ub) must be > 0")
+        if not 0 <= sketch_rank <= MAX_SKETCH_RANK:
+            raise LlqxError(f"the sketch rank must be between 0 and {MAX_SKETCH_RANK}, not {sketch_rank}")
         p = _core.ImatrixParams()
         p.model_path = os.fspath(path)
         p.n_ctx = n_ctx
@@ -95,6 +105,7 @@ class ImatrixCollector:
         p.repack = repack
         p.process_output = process_output
         p.compute_ppl = compute_ppl
+        p.sketch_rank = sketch_rank
         _log.recent_errors.clear()
         try:
             self._core = _core.ImatrixCollector(p)
@@ -114,8 +125,8 @@ class ImatrixCollector:
 
     def entries(self) -> dict[str, ImatrixEntry]:
         out: dict[str, ImatrixEntry] = {}
-        for name, (in_sum2, in_sum, counts) in self._core.entries().items():
-            out[name] = ImatrixEntry(in_sum2, counts.astype(np.float64), in_sum)
+        for name, (in_sum2, in_sum, counts, in_sketch) in self._core.entries().items():
+            out[name] = ImatrixEntry(in_sum2, counts.astype(np.float64), in_sum, in_sketch)
         return out
 
     def snapshot(self, dataset: str | None) -> Imatrix:
@@ -166,9 +177,10 @@ def collect_imatrix(model: str | os.PathLike[str], text: str | bytes | None = No
                     n_ubatch: int = 512, threads: int | None = None, n_gpu_layers: int = -1,
                     chunks: int = -1, skip_chunks: int = 0, process_output: bool = False,
                     parse_special: bool = False, compute_ppl: bool = True, dataset: str | None = None,
-                    repack: bool = True,
+                    repack: bool = True, sketch_rank: int = SKETCH_RANK,
                     progress: Callable[[ImatrixProgress], bool | None] | None = None) -> Imatrix:
-    """Run model over text (or token ids) like llama-imatrix and return Σx², Σx and counts per weight.
+    """Run model over text (or token ids) like llama-imatrix and return Σx², Σx, counts and the sketch of
+    Σ x xᵀ (``sketch_rank`` directions per dense weight; 0: none) per weight.
 
     Chunks of n_ctx tokens, BOS in front of each chunk where the vocabulary adds one; ``chunks``
     limits how many (-1: all), ``skip_chunks`` drops that many from the start. Ctrl+C raises
@@ -178,7 +190,7 @@ def collect_imatrix(model: str | os.PathLike[str], text: str | bytes | None = No
         raise LlqxError("give either text or tokens")
     col = ImatrixCollector(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, threads=threads,
                            n_gpu_layers=n_gpu_layers, process_output=process_output, compute_ppl=compute_ppl,
-                           repack=repack)
+                           repack=repack, sketch_rank=sketch_rank)
     ids = col.tokenize(text, parse_special) if text is not None else np.asarray(tokens, dtype=np.int32)
     n_chunk = plan_chunks(int(ids.size), n_ctx, chunks, skip_chunks)
     ids = ids[skip_chunks * n_ctx:]

@@ -96,7 +96,7 @@ def measure_mixes(
         items = []
         for name, tid in mix:
             if name not in weights:
-                weights[name] = importance(imatrix, info.tensor(name))[0]
+                weights[name] = importance(imatrix, info.tensor(name))
             items.append((name, int(tid), weights[name]))
         spec.append(items)
     threads = cal.threads if cal.threads > 0 else (os.cpu_count() or 1)

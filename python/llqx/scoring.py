@@ -1,7 +1,8 @@
 """The scoring run (docs/method.md, scoring): per quantizable tensor, the error of every candidate type.
 
 ``score(model, imatrix)`` streams the model through the C++ scorer (sampled rows, quantized with each
-expert's importance values, weighted error with the mean-activation term), keeps the results in the
+expert's importance values, error weighted with the input's second moments: the imatrix's sketch of
+Σ x xᵀ, or E[x²] and the mean activation), keeps the results in the
 state file and returns the planner's ``Scores``, whose ``plan(target_bpw=... | target_size=...)`` runs
 the optimizer. With ``candidates="window"`` nothing is scored up front: each plan() asks for what its
 target needs, and the IQ1/IQ2/IQ3 types (whose lattice grids take seconds to build) only near them.
@@ -15,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from .types import ggml_type
 
 log = logging.getLogger("llqx")
 
-SCORING_VERSION = 3
+SCORING_VERSION = 4
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
 # every row's energy is read; the largest rows are always in the sample and the rest are evenly spaced
 # (cpp/llqx_score_sample.cpp)
@@ -57,13 +59,41 @@ def _model_hash(info: ModelInfo) -> str:
     return h.hexdigest()
 
 
-def importance(im: Imatrix | None, t: TensorInfo) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(llama.cpp's importance weights, mean activations) of a tensor, flat float32; None without data."""
+@dataclass(frozen=True)
+class ErrorMetric:
+    """What a tensor's errors are weighed with, flat float32 per expert: llama.cpp's importance weights
+    (which the quantizer gets too) and the input's second moments E[x xᵀ] ≈ diag(diagonal) + Σ_d a_d a_dᵀ,
+    the a_d being ``n_dir`` rows of ``directions`` per expert."""
+
+    weights: np.ndarray
+    diagonal: np.ndarray | None  # None: the weights (E[x²])
+    directions: np.ndarray | None  # n_expert × n_dir × n_per_row
+    n_dir: int
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.reshape(-1), dtype=np.float32)
+
+
+def error_metric(im: Imatrix | None, t: TensorInfo) -> ErrorMetric | None:
+    """The tensor's metric; None without importance data. With the imatrix's sketch of Σ x xᵀ: its
+    directions and the diagonal E[x²] leaves beside them; else E[x²] plus the mean activation's direction
+    (none in an upstream imatrix)."""
     if im is None or t.name not in im.entries or im.entries[t.name].in_sum2.size != t.shape[0] * shape3(t)[2]:
-        return None, None  # no entry, or a token-embedding entry of another width (llama.cpp ignores it too)
-    w = np.ascontiguousarray(im.values(t.name).reshape(-1), dtype=np.float32)
+        return None  # no entry, or a token-embedding entry of another width (llama.cpp ignores it too)
+    w = _flat(im.values(t.name))
+    moments = im.second_moments(t.name)
+    if moments is not None:
+        diagonal, directions = moments
+        return ErrorMetric(w, _flat(diagonal), _flat(directions), directions.shape[1])
     a = im.activations(t.name)
-    return w, (None if a is None else np.ascontiguousarray(a.reshape(-1), dtype=np.float32))
+    return ErrorMetric(w, None, None if a is None else _flat(a), 0 if a is None else 1)
+
+
+def importance(im: Imatrix | None, t: TensorInfo) -> np.ndarray | None:
+    """llama.cpp's importance weights of a tensor (E[x²]), flat float32; None without data."""
+    metric = error_metric(im, t)
+    return None if metric is None else metric.weights
 
 
 def _imatrix_hash(im: Imatrix | None, tensors: Sequence[TensorInfo]) -> str:
@@ -71,14 +101,16 @@ def _imatrix_hash(im: Imatrix | None, tensors: Sequence[TensorInfo]) -> str:
     if im is None:
         return "none"
     for t in tensors:
-        w, a = importance(im, t)
+        metric = error_metric(im, t)
         h.update(t.name.encode() + b"\0")
-        h.update(b"w" if w is not None else b"-")
-        if w is not None:
-            h.update(w.tobytes())
-        h.update(b"a" if a is not None else b"-")
-        if a is not None:
-            h.update(a.tobytes())
+        # without a sketch the bytes hashed are those of earlier versions, so their measured probes stay valid
+        parts = [(b"w", None), (b"a", None)] if metric is None else [(b"w", metric.weights), (b"a", metric.directions)]
+        if metric is not None and metric.diagonal is not None:
+            parts.append((b"d", metric.diagonal))
+        for tag, x in parts:
+            h.update(tag if x is not None else b"-")
+            if x is not None:
+                h.update(x.tobytes())
     return h.hexdigest()
 
 
@@ -232,7 +264,7 @@ def _run_scoring(
     for t in todo:
         ne0, ne1, ne2 = shape3(t)
         weights_of.append(expert_weights(im, t.name, ne2))
-        w, a = importance(im, t)
+        metric = error_metric(im, t)
         job: dict[str, object] = {
             "name": t.name,
             "src_type": t.type,
@@ -240,10 +272,13 @@ def _run_scoring(
             "offset": t.offset,
             "candidates": types[t.name],
         }
-        if w is not None:
-            job["weights"] = w
-        if a is not None:
-            job["activations"] = a
+        if metric is not None:
+            job["weights"] = metric.weights
+            if metric.diagonal is not None:
+                job["diagonal"] = metric.diagonal
+            if metric.directions is not None:
+                job["directions"] = metric.directions
+                job["n_dir"] = metric.n_dir
         n_sample = (
             sample_elements
             if sample_elements is not None

@@ -18,7 +18,7 @@ from rich.progress import TextColumn
 
 from ..errors import LlqxError
 from ..imatrix import Imatrix, check_imatrix_fits
-from ..imatrix_collect import ImatrixCollector, ImatrixProgress, default_threads, plan_chunks
+from ..imatrix_collect import SKETCH_RANK, ImatrixCollector, ImatrixProgress, default_threads, plan_chunks
 from ..imatrix_stats import layer_stats, stats_json, stats_tables, tensor_stats
 from ..progress import progress_bar
 
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser(
         "imatrix", help="compute an importance matrix with activations (like llama-imatrix)",
         description="Run a model over calibration text in chunks like llama-imatrix and write per weight "
-                    "tensor and expert Σx², Σx and token counts (GGUF; upstream tools read it).")
+                    "tensor and expert Σx², Σx, token counts and a sketch of Σ x xᵀ (GGUF; upstream tools read it).")
     p.add_argument("-m", "--model", help="model GGUF (F16/BF16/F32 or quantized)")
     p.add_argument("-f", "--file", help="calibration text file")
     p.add_argument("-o", "--output-file", "--output", dest="output", default="imatrix.gguf",
@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--in-file", dest="in_files", action="append", default=[],
                    help="imatrix to merge with / continue from (repeatable); weighted by their counts")
     p.add_argument("--process-output", action="store_true", help="also collect output.weight")
+    p.add_argument("--sketch-rank", type=int, default=SKETCH_RANK,
+                   help=f"directions of each dense tensor's input second moments to keep (default {SKETCH_RANK}; "
+                        "0: none)")
     p.add_argument("--parse-special", action="store_true", help="parse special tokens in the text")
     p.add_argument("--no-ppl", action="store_true", help="do not compute perplexity")
     p.add_argument("--show-statistics", action="store_true",
@@ -147,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads if args.threads and args.threads > 0 else default_threads()
     col = ImatrixCollector(model_path, n_ctx=args.ctx, n_batch=args.batch, n_ubatch=args.ubatch,
                            threads=threads, n_gpu_layers=args.ngl, repack=args.repack,
-                           process_output=args.process_output, compute_ppl=not args.no_ppl)
+                           process_output=args.process_output, compute_ppl=not args.no_ppl,
+                           sketch_rank=args.sketch_rank)
     text = text_path.read_bytes()
     if text.endswith(b"\n"):
         text = text[:-1]  # llama.cpp's -f drops one trailing newline
