@@ -18,7 +18,7 @@ struct llqx_imatrix_params {
     bool        repack         = true;  // ggml's CPU weight repacking, on as in llama-imatrix (-nr turns it off)
     bool        process_output = false; // also collect output.weight
     bool        compute_ppl    = true;
-    int32_t     sketch_rank    = 8;     // directions of each dense tensor's input second moments kept; 0: none
+    int32_t     sketch_rank    = 16;    // columns of each dense tensor's second-moment sketch (llqx_sketch.h); 0: none
 };
 
 // raw sums of one weight tensor: arrays n_expert x n_per_row (row-major) and n_expert counts
@@ -30,7 +30,7 @@ struct llqx_imatrix_sums {
     std::vector<double>  in_sum;
     std::vector<int64_t> counts;
     int32_t              sketch_rank = 0; // rows of in_sketch (0: none)
-    std::vector<float>   in_sketch;       // sketch_rank x n_per_row: Σ_i b_i b_iᵀ ⪯ Σ x xᵀ (llqx_sketch.h)
+    std::vector<float>   in_sketch;       // sketch_rank x n_per_row: (Σ x·(Ωᵀx))ᵀ (llqx_sketch.h)
 };
 
 struct llqx_imatrix_progress {

@@ -153,11 +153,12 @@ static bool imatrix_collect_mul_mat(llqx_imatrix_accum * acc, const ggml_tensor 
             const int64_t mat_id = (i3 % src0->ne[3]) * src0->ne[2] + (i2 % src0->ne[2]);
             float *  s2 = e.in_sum2.data() + mat_id * ne0;
             double * s1 = e.in_sum.data()  + mat_id * ne0;
+            const char * rows = data + i2 * src1->nb[2] + i3 * src1->nb[3];
             for (int64_t row = 0; row < src1->ne[1]; ++row) {
-                const float * x = (const float *) (data + row * src1->nb[1] + i2 * src1->nb[2] + i3 * src1->nb[3]);
-                imatrix_accumulate(s2, s1, x, ne0);
-                llqx_sketch_add(e.sketch, x);
+                imatrix_accumulate(s2, s1, (const float *) (rows + row * src1->nb[1]), ne0);
             }
+            // rows are contiguous F32 (checked by the callback), nb[1] a whole number of floats
+            llqx_sketch_add_rows(e.sketch, (const float *) rows, src1->ne[1], (int64_t) (src1->nb[1] / sizeof(float)));
         }
     }
     if (!imatrix_all_finite(e.in_sum2.data(), (int64_t) e.in_sum2.size())) {
@@ -224,8 +225,8 @@ void llqx_imatrix_accum_entries(const llqx_imatrix_accum & acc, std::vector<llqx
         e.in_sum2   = kv.second.in_sum2;
         e.in_sum    = kv.second.in_sum;
         e.counts    = kv.second.counts;
-        if (kv.second.sketch.rank > 0) {
-            e.sketch_rank = kv.second.sketch.rank;
+        if (kv.second.sketch.p > 0) {
+            e.sketch_rank = kv.second.sketch.p;
             llqx_sketch_result(kv.second.sketch, e.in_sketch);
         }
         if ((int64_t) e.counts.size() != e.n_expert) {

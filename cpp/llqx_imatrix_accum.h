@@ -24,7 +24,7 @@ struct llqx_imatrix_stats {
 
 struct llqx_imatrix_accum {
     bool    process_output = false; // also collect output.weight
-    int32_t sketch_rank    = 0;     // rows of each dense tensor's second-moment sketch; 0: none
+    int32_t sketch_rank    = 0;     // columns of each dense tensor's second-moment sketch; 0: none
 
     std::map<std::string, llqx_imatrix_stats> stats;
 

@@ -1,161 +1,90 @@
 #include "llqx_sketch.h"
 
-#include <algorithm>
-#include <cmath>
+#include <cstddef>
 
-// eigen-decomposition of the symmetric m×m matrix a (row-major, destroyed) by cyclic Jacobi rotations:
-// values descending, vecs[i*m + k] the i-th component of eigenvector k. m is 4·rank, so a few dozen at most
-static void sketch_eigen(std::vector<double> & a, int32_t m, std::vector<double> & values, std::vector<double> & vecs) {
-    vecs.assign((size_t) m * m, 0.0);
-    for (int32_t i = 0; i < m; ++i) {
-        vecs[(size_t) i * m + i] = 1.0;
-    }
-    for (int32_t sweep = 0; sweep < 64; ++sweep) {
-        double off = 0.0, diag = 0.0;
-        for (int32_t i = 0; i < m; ++i) {
-            diag += a[(size_t) i * m + i] * a[(size_t) i * m + i];
-            for (int32_t j = i + 1; j < m; ++j) {
-                off += a[(size_t) i * m + j] * a[(size_t) i * m + j];
-            }
-        }
-        if (off <= 1e-24 * diag) { // off-diagonal norm below 1e-12 of the diagonal's
-            break;
-        }
-        for (int32_t p = 0; p < m; ++p) {
-            for (int32_t q = p + 1; q < m; ++q) {
-                const double apq = a[(size_t) p * m + q];
-                if (apq == 0.0) {
-                    continue;
-                }
-                const double app = a[(size_t) p * m + p];
-                const double aqq = a[(size_t) q * m + q];
-                const double theta = (aqq - app) / (2.0 * apq);
-                const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1.0));
-                const double c = 1.0 / std::sqrt(t * t + 1.0);
-                const double s = t * c;
-                for (int32_t k = 0; k < m; ++k) {
-                    const double akp = a[(size_t) k * m + p];
-                    const double akq = a[(size_t) k * m + q];
-                    a[(size_t) k * m + p] = c * akp - s * akq;
-                    a[(size_t) k * m + q] = s * akp + c * akq;
-                }
-                for (int32_t k = 0; k < m; ++k) {
-                    const double apk = a[(size_t) p * m + k];
-                    const double aqk = a[(size_t) q * m + k];
-                    a[(size_t) p * m + k] = c * apk - s * aqk;
-                    a[(size_t) q * m + k] = s * apk + c * aqk;
-                }
-                for (int32_t k = 0; k < m; ++k) {
-                    const double vkp = vecs[(size_t) k * m + p];
-                    const double vkq = vecs[(size_t) k * m + q];
-                    vecs[(size_t) k * m + p] = c * vkp - s * vkq;
-                    vecs[(size_t) k * m + q] = s * vkp + c * vkq;
-                }
-            }
-        }
-    }
-    // sort descending (stable on ties: the order is part of the result's bits)
-    std::vector<int32_t> order((size_t) m);
-    for (int32_t i = 0; i < m; ++i) {
-        order[(size_t) i] = i;
-    }
-    std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) {
-        return a[(size_t) x * m + x] > a[(size_t) y * m + y];
-    });
-    std::vector<double> sorted((size_t) m * m);
-    values.resize((size_t) m);
-    for (int32_t k = 0; k < m; ++k) {
-        values[(size_t) k] = a[(size_t) order[(size_t) k] * m + order[(size_t) k]];
-        for (int32_t i = 0; i < m; ++i) {
-            sorted[(size_t) i * m + k] = vecs[(size_t) i * m + order[(size_t) k]];
-        }
-    }
-    vecs.swap(sorted);
+#ifndef GGML_RESTRICT
+#define GGML_RESTRICT __restrict__
+#endif
+
+// rows summed together by the hot loop (below)
+static const int32_t SKETCH_BLOCK = 8;
+
+// splitmix64: a fixed, platform-independent stream of bits for Ω
+static uint64_t sketch_mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
 }
 
-// rotates the n_rows rows of the buffer onto their principal directions and keeps the first `keep`, each
-// scaled to carry its eigenvalue less delta: row k becomes sqrt(max(λ_k − delta, 0)) · v_k. Returns the
-// rows kept (those with something left)
-static int32_t sketch_compact(const llqx_sketch & sk, int32_t keep, bool shrink, std::vector<double> & out, double & delta) {
-    const int32_t m = sk.n_rows;
-    const int64_t n = sk.n;
-    std::vector<double> gram((size_t) m * m);
-    for (int32_t i = 0; i < m; ++i) {
-        const double * ri = sk.rows.data() + (size_t) i * n;
-        for (int32_t j = i; j < m; ++j) {
-            const double * rj = sk.rows.data() + (size_t) j * n;
-            double s = 0.0;
-            for (int64_t c = 0; c < n; ++c) {
-                s += ri[c] * rj[c];
-            }
-            gram[(size_t) i * m + j] = s;
-            gram[(size_t) j * m + i] = s;
+void llqx_sketch_test_matrix(int64_t n, int32_t p, std::vector<float> & out) {
+    out.resize((size_t) n * (size_t) p);
+    for (int64_t j = 0; j < n; ++j) {
+        for (int32_t i = 0; i < p; ++i) {
+            const uint64_t bits = sketch_mix(0x6c6c7178736b7400ull ^ ((uint64_t) j << 16 | (uint64_t) i)); // "llqxsk"
+            out[(size_t) (j * p + i)] = (bits >> 63) ? -1.0f : 1.0f;
         }
     }
-    std::vector<double> values, vecs;
-    sketch_eigen(gram, m, values, vecs);
-    delta = shrink && keep < m ? std::max(0.0, values[(size_t) keep]) : 0.0;
-    int32_t kept = 0;
-    out.assign((size_t) keep * n, 0.0);
-    for (int32_t k = 0; k < std::min(keep, m); ++k) {
-        const double lambda = values[(size_t) k];
-        if (!(lambda > delta) || lambda <= 0.0) {
-            break;
-        }
-        // Bᵀu_k = σ_k v_k, so sqrt(λ_k − δ) v_k = sqrt((λ_k − δ) / λ_k) · Bᵀu_k
-        const double scale = std::sqrt((lambda - delta) / lambda);
-        double * dst = out.data() + (size_t) kept * n;
-        for (int32_t i = 0; i < m; ++i) {
-            const double w = scale * vecs[(size_t) i * m + k];
-            const double * ri = sk.rows.data() + (size_t) i * n;
-            for (int64_t c = 0; c < n; ++c) {
-                dst[c] += w * ri[c];
+}
+
+void llqx_sketch_init(llqx_sketch & sk, int64_t n, int32_t p) {
+    sk.n = n;
+    sk.p = p < 0 ? 0 : p;
+    llqx_sketch_test_matrix(n, sk.p, sk.omega);
+    sk.y.assign((size_t) n * (size_t) sk.p, 0.0f);
+    sk.z.assign((size_t) SKETCH_BLOCK * (size_t) sk.p, 0.0f);
+}
+
+// the hot loop, over a block of m ≤ SKETCH_BLOCK rows (row t at x + t·stride): Z = XΩ, then Y += XᵀZ. Each
+// sum keeps the order it has row by row (columns in order for z, rows in order for y), so the result does not
+// depend on how rows are blocked; the block only gives the vector units independent sums. Built for AVX2 too,
+// like the imatrix sums: plain adds and multiplies (no FMA), so both builds round alike
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void sketch_add_block(const float * GGML_RESTRICT x, int64_t stride, int32_t m, int64_t n, int32_t p,
+                             const float * GGML_RESTRICT omega, float * GGML_RESTRICT y, float * GGML_RESTRICT z) {
+    for (int32_t k = 0; k < m * p; ++k) {
+        z[k] = 0.0f;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        const float * o = omega + (size_t) j * (size_t) p;
+        for (int32_t t = 0; t < m; ++t) {
+            const float xtj = x[(size_t) t * (size_t) stride + (size_t) j];
+            float * zt = z + (size_t) t * (size_t) p;
+            for (int32_t i = 0; i < p; ++i) {
+                zt[i] += xtj * o[i];
             }
         }
-        kept++;
     }
-    return kept;
+    for (int64_t j = 0; j < n; ++j) {
+        float * yj = y + (size_t) j * (size_t) p;
+        for (int32_t t = 0; t < m; ++t) {
+            const float xtj = x[(size_t) t * (size_t) stride + (size_t) j];
+            const float * zt = z + (size_t) t * (size_t) p;
+            for (int32_t i = 0; i < p; ++i) {
+                yj[i] += xtj * zt[i];
+            }
+        }
+    }
 }
 
-void llqx_sketch_init(llqx_sketch & sk, int64_t n, int32_t rank) {
-    sk.n      = n;
-    sk.rank   = rank;
-    sk.n_rows = 0;
-    sk.shrunk = 0.0;
-    sk.rows.assign((size_t) (4 * rank) * (size_t) n, 0.0);
-}
-
-void llqx_sketch_add(llqx_sketch & sk, const float * x) {
-    if (sk.rank <= 0) {
+void llqx_sketch_add_rows(llqx_sketch & sk, const float * x, int64_t n_rows, int64_t stride) {
+    if (sk.p == 0) {
         return;
     }
-    if (sk.n_rows == 4 * sk.rank) {
-        // Frequent Directions with 2·rank directions: subtract the (2·rank+1)-th eigenvalue from every
-        // direction, which frees at least half the buffer; what is subtracted bounds the sketch's error
-        std::vector<double> kept;
-        double delta = 0.0;
-        const int32_t n_kept = sketch_compact(sk, 2 * sk.rank, true, kept, delta);
-        std::fill(sk.rows.begin(), sk.rows.end(), 0.0);
-        std::copy(kept.begin(), kept.begin() + (size_t) n_kept * (size_t) sk.n, sk.rows.begin());
-        sk.n_rows  = n_kept;
-        sk.shrunk += delta;
+    for (int64_t r = 0; r < n_rows; r += SKETCH_BLOCK) {
+        const int32_t m = (int32_t) (n_rows - r < SKETCH_BLOCK ? n_rows - r : SKETCH_BLOCK);
+        sketch_add_block(x + (size_t) r * (size_t) stride, stride, m, sk.n, sk.p, sk.omega.data(), sk.y.data(),
+                         sk.z.data());
     }
-    double * dst = sk.rows.data() + (size_t) sk.n_rows * (size_t) sk.n;
-    for (int64_t c = 0; c < sk.n; ++c) {
-        dst[c] = (double) x[c];
-    }
-    sk.n_rows++;
 }
 
 void llqx_sketch_result(const llqx_sketch & sk, std::vector<float> & out) {
-    out.assign((size_t) std::max(0, sk.rank) * (size_t) sk.n, 0.0f);
-    if (sk.rank <= 0 || sk.n_rows == 0) {
-        return;
-    }
-    std::vector<double> kept;
-    double delta = 0.0;
-    const int32_t n_kept = sketch_compact(sk, sk.rank, false, kept, delta);
-    for (size_t i = 0; i < (size_t) n_kept * (size_t) sk.n; ++i) {
-        out[i] = (float) kept[i];
+    out.resize((size_t) sk.p * (size_t) sk.n);
+    for (int64_t j = 0; j < sk.n; ++j) {
+        for (int32_t i = 0; i < sk.p; ++i) {
+            out[(size_t) i * (size_t) sk.n + (size_t) j] = sk.y[(size_t) j * (size_t) sk.p + (size_t) i];
+        }
     }
 }

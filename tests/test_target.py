@@ -103,7 +103,7 @@ def _reference_sums(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int,
     v_all = im.values(name)
     a_all = im.activations(name)
     counts = np.asarray(im.entries[name].counts, dtype=np.float64).reshape(-1)
-    sketch = im.entries[name].in_sketch
+    moments = im.second_moments(name)  # the sketch read back (tests/test_sketch.py checks it against numpy)
     share = counts / counts.sum() if ne2 > 1 else np.ones(1)
     per_expert = max(MIN_ROWS, (sample // ne2 + ne0 - 1) // ne0)
     err_total = energy_total = 0.0
@@ -115,10 +115,9 @@ def _reference_sums(model: llqx.ModelInfo, im: Imatrix, name: str, type_id: int,
     for e in range(ne2):
         v = v_all[e].astype(np.float64)
         a = None if a_all is None else a_all[e].astype(np.float64)[None]
-        if sketch is not None:
-            # E[x xᵀ] ≈ diag(E[x²] − Σ a²) + Σ a aᵀ, a = the sketch's rows per token (float32, as the scorer gets them)
-            a = (sketch.astype(np.float64) / np.sqrt(np.rint(counts[0]))).astype(np.float32).astype(np.float64)
-            v = np.maximum(v - (a**2).sum(0), 0.0).astype(np.float32).astype(np.float64)
+        if moments is not None:
+            # E[x xᵀ] ≈ diag(d) + Σ a aᵀ, the sketch's directions a per token and d = E[x²] − Σ a²
+            v, a = moments[0][e].astype(np.float64), moments[1][e].astype(np.float64)
         whole = np.asarray(src[e], dtype=np.float64)
         energy = quadratic(whole, v, a)
         rows, scales = _core.score_sample_rows(name, e, energy, per_expert)

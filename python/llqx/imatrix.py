@@ -1,9 +1,9 @@
 """Importance-matrix files: upstream GGUF (with or without llqx's extensions) and legacy ``.dat``.
 
 Per weight tensor and per MoE expert the record holds raw sums over routed token rows:
-``in_sum2`` = Σx², ``in_sum`` = Σx and ``counts``; for a dense tensor also ``in_sketch``, a few
-directions of Σ x xᵀ beyond its diagonal. ``in_sum`` and ``in_sketch`` are llqx's extensions (None in
-upstream files, which llama.cpp reads as its own).
+``in_sum2`` = Σx², ``in_sum`` = Σx and ``counts``; for a dense tensor also ``in_sketch``, a sketch of
+Σ x xᵀ beyond its diagonal (Σ x·(Ωᵀx) for a fixed ±1 test matrix Ω, cpp/llqx_sketch.h). ``in_sum`` and
+``in_sketch`` are llqx's extensions (None in upstream files, which llama.cpp reads as its own).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from .errors import LlqxError
 from .model import ModelInfo
 
 KEY_DATASETS = "imatrix.datasets"
+# leading directions of a sketch that the error estimate uses (of its p columns, which oversample them)
+SKETCH_DIRECTIONS = 8
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
 
@@ -33,7 +35,7 @@ class ImatrixEntry:
     in_sum2: np.ndarray
     counts: np.ndarray
     in_sum: np.ndarray | None = None
-    # dense tensors: (rank, n_per_row) orthogonal rows b_i with Σ b_i b_iᵀ ⪯ Σ x xᵀ (cpp/llqx_sketch.h)
+    # dense tensors: (p, n_per_row), row i = Σ x·(ω_iᵀx), a raw sum like the others (cpp/llqx_sketch.h)
     in_sketch: np.ndarray | None = None
 
     @property
@@ -95,19 +97,20 @@ class Imatrix:
         out[seen] = e.in_sum[seen].astype(np.float32) / counts[seen, None]
         return out
 
-    def second_moments(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """E[x xᵀ] of a dense tensor's input as diag(d) + Σ_i a_i a_iᵀ: (d (1, n), a (1, rank, n)), float32.
+    def second_moments(self, name: str, n_dir: int = SKETCH_DIRECTIONS) -> tuple[np.ndarray, np.ndarray] | None:
+        """E[x xᵀ] of a dense tensor's input as diag(d) + Σ_i a_i a_iᵀ: (d (1, n), a (1, n_dir, n)), float32.
 
-        The a_i are the sketch's directions per token; d is what E[x²] leaves on the diagonal, so the
-        diagonal of the whole is exactly E[x²]. None without a sketch, or where no token was counted.
+        The a_i are the leading directions of the sketch's Nyström approximation (scaled per token), which
+        lies below E[x xᵀ]; d is what E[x²] leaves on the diagonal beside them, so the diagonal of the whole
+        is exactly E[x²]. None without a sketch, or where no token was counted.
         """
         e = self.entries[name]
         count = float(np.rint(e.counts.reshape(-1)[0])) if e.counts.size == 1 else 0.0
         if e.in_sketch is None or count <= 0:
             return None
-        directions = (e.in_sketch.astype(np.float64) / np.sqrt(count)).astype(np.float32)
-        rest = self.values(name).astype(np.float64) - np.sum(np.square(directions.astype(np.float64)), axis=0)
-        return np.maximum(rest, 0.0).astype(np.float32), directions[None]
+        directions = nystrom_directions(e.in_sketch, n_dir) / np.sqrt(count)
+        rest = self.values(name).astype(np.float64) - np.sum(np.square(directions), axis=0)
+        return np.maximum(rest, 0.0).astype(np.float32), directions.astype(np.float32)[None]
 
     def quantize_weights(self) -> dict[str, np.ndarray]:
         """The flat per-tensor weights llama_model_quantize takes (experts concatenated)."""
@@ -165,8 +168,8 @@ class Imatrix:
         """Sum the raw statistics of several runs over the same model (weighted by their counts).
 
         Legacy .dat records are turned into raw sums with this record's chunk size (llama-imatrix's rule).
-        ``in_sum`` and ``in_sketch`` survive only where every part has them; two sketches merge into the
-        sketch of their rows stacked.
+        ``in_sum`` and ``in_sketch`` survive only where every part has them (sketches of the same size add up:
+        their test matrix is fixed).
         """
         chunk = self.chunk_size or next((o.chunk_size for o in others if o.chunk_size), 0)
         out = self.to_raw(chunk) if self.legacy else self.copy()
@@ -213,10 +216,34 @@ class Imatrix:
 
 
 
+def nystrom_directions(sketch: np.ndarray, n_dir: int) -> np.ndarray:
+    """The n_dir leading directions a_i (n_dir × n, float64; zero rows where there are fewer) of the PSD matrix
+    M that the sketch Y = M·Ω saw, from Nyström's approximation Y (ΩᵀY)⁺ Yᵀ ⪯ M, with the small shift ν that
+    keeps it stable in floating point (Tropp et al., 2017): Σ a_i a_iᵀ ⪯ M, exact where M has rank ≤ p."""
+    yt = sketch.astype(np.float64)  # p × n: Yᵀ
+    p, n = yt.shape
+    omega_t = _core.sketch_test_matrix(n, p).astype(np.float64)
+    nu = np.sqrt(n) * np.finfo(np.float32).eps * np.linalg.norm(yt)
+    if nu == 0:
+        return np.zeros((n_dir, n))
+    y_nu = yt + nu * omega_t  # the sketch of M + νI
+    core = omega_t @ y_nu.T
+    core = (core + core.T) / 2
+    vals, vecs = np.linalg.eigh(core)
+    keep = vals > vals.max() * 1e-12
+    half = y_nu.T @ (vecs[:, keep] / np.sqrt(vals[keep]))  # n × k: Nyström of M + νI is half·halfᵀ
+    u, sigma, _ = np.linalg.svd(half, full_matrices=False)
+    lam = np.maximum(sigma**2 - nu, 0.0)  # eigenvalues of the approximation of M, descending
+    out = np.zeros((n_dir, n))
+    k = min(n_dir, lam.size)
+    out[:k] = (u[:, :k] * np.sqrt(lam[:k])).T
+    return out
+
+
 def _merge_sketches(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-    if a is None or b is None or a.shape[1] != b.shape[1]:
+    if a is None or b is None or a.shape != b.shape:
         return None
-    return _core.sketch_rows(np.vstack([a, b]).astype(np.float32), max(a.shape[0], b.shape[0]))
+    return (a.astype(np.float64) + b).astype(np.float32)  # one fixed Ω per width: sketches add up
 
 
 def _load_gguf(path: Path) -> Imatrix:
@@ -305,7 +332,7 @@ def _gguf_str(text: str) -> bytes:
 def _save_gguf(im: Imatrix, path: Path) -> None:
     """GGUF v3 laid out like llama-imatrix's: general.type, imatrix.* keys, then per tensor (by name)
     NAME.in_sum2 (ne [n_per_row, n_expert]), NAME.counts (ne [1, n_expert]) and, with activations,
-    NAME.in_sum, with a sketch NAME.in_sketch (ne [n_per_row, rank]). Written directly (gguf-py cannot write
+    NAME.in_sum, with a sketch NAME.in_sketch (ne [n_per_row, p]). Written directly (gguf-py cannot write
     the empty dataset list upstream allows)."""
     tensors: list[tuple[str, np.ndarray]] = []
     for name in sorted(im.entries):

@@ -51,9 +51,9 @@ class ImatrixRun:
     warnings: list[str] = field(default_factory=list)
 
 
-# directions of Σ x xᵀ stored per dense tensor: the imatrix pass sketches each tensor's input in 4·rank
-# rows of memory; the scorer weighs every error row with them (docs/method.md, importance matrix)
-SKETCH_RANK = 8
+# columns of each dense tensor's sketch of Σ x xᵀ (its size; cpp/llqx_sketch.h): twice the directions the
+# scorer reads from it (imatrix.SKETCH_DIRECTIONS), which Nyström's approximation then finds well
+SKETCH_RANK = 16
 MAX_SKETCH_RANK = 64
 
 
