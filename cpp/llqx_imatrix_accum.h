@@ -1,4 +1,4 @@
-// the imatrix collector's sums: Σx², Σx and token counts per weight tensor and expert, filled by
+// the imatrix collector's sums: Σx², Σx, token counts and the sketch of Σ x xᵀ per weight tensor and expert, filled by
 // llama.cpp's graph eval callback; knows nothing of the model, context or chunks (llqx_imatrix.cpp)
 #pragma once
 

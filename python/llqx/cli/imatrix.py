@@ -57,8 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="imatrix to merge with / continue from (repeatable); weighted by their counts")
     p.add_argument("--process-output", action="store_true", help="also collect output.weight")
     p.add_argument("--sketch-rank", type=int, default=SKETCH_RANK,
-                   help=f"directions of each dense tensor's input second moments to keep (default {SKETCH_RANK}; "
-                        "0: none)")
+                   help=f"columns of each dense tensor's sketch of its input's second moments (default "
+                        f"{SKETCH_RANK}; 0: none)")
     p.add_argument("--parse-special", action="store_true", help="parse special tokens in the text")
     p.add_argument("--no-ppl", action="store_true", help="do not compute perplexity")
     p.add_argument("--show-statistics", action="store_true",
