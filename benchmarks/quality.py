@@ -146,11 +146,11 @@ def calibration_file(work: Path, chunks: int) -> Path | None:
 
 
 def proxy_errors(
-    model: Path, imatrix: Path, state: Path, files: list[Path], calibration: Path | None, chunks: int
+    model: Path, imatrix: Path, state: Path, files: list[Path], calibration: Path | None, chunks: int, sketch: bool
 ) -> dict[str, float]:
     """The estimator's total error of each quant file's type mix (from the state file, no rescoring); in
     KL divergence when llqx measured sensitivities (they are in the state file)."""
-    scores = llqx.score(model, imatrix, state=state, progress=False)
+    scores = llqx.score(model, imatrix, state=state, progress=False, sketch=sketch)
     if calibration is not None:
         calibrate(scores, llqx.Imatrix.load(imatrix), Calibration(calibration, chunks=chunks))
     out: dict[str, float] = {}
@@ -158,16 +158,6 @@ def proxy_errors(
         error = scores.mix_error({t.name: t.type for t in llqx.inspect(f).tensors})
         if error is not None:
             out[str(f)] = error
-    return out
-
-
-def without_sketch(imatrix: Path, work: Path) -> Path:
-    """A copy of the imatrix without its sketches of Σ x xᵀ, for llqx only (the A/B of --no-sketch)."""
-    im = llqx.Imatrix.load(imatrix)
-    for e in im.entries.values():
-        e.in_sketch = None
-    out = work / f"{imatrix.stem}.no-sketch.gguf"
-    im.save(out)
     return out
 
 
@@ -196,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-chunks", type=int, default=32, help="imatrix chunks of c4 (default 32)")
     ap.add_argument("--calib-ctx", type=int, default=512, help="imatrix chunk size (default 512)")
     ap.add_argument("--imatrix", default=None, help="use this imatrix instead of building one")
-    ap.add_argument("--no-sketch", action="store_true",
-                    help="llqx scores without the imatrix's sketch of Σ x xᵀ (E[x²] and the mean only); the "
-                         "recipes use the same file, so a run with --reuse compares the two")
+    ap.add_argument("--score-sketch", action="store_true",
+                    help="llqx weighs errors with the imatrix's sketch of Σ x xᵀ (llqx-quantize --score-sketch); "
+                         "with --reuse and another --name, the recipes and their evaluations are shared")
     ap.add_argument("--calibrate", type=int, default=4, metavar="N",
                     help="llqx measures sensitivities on N chunks of c4 (--calibration-file); 0: estimator only")
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
@@ -294,7 +284,7 @@ def make_recipes(args: argparse.Namespace, s: Setup, imatrix: Path) -> tuple[dic
 
 
 def make_llqx(
-    s: Setup, imatrix: Path, recipe_files: dict[str, Path], calibration: Path | None, chunks: int
+    s: Setup, imatrix: Path, recipe_files: dict[str, Path], calibration: Path | None, chunks: int, sketch: bool
 ) -> tuple[dict[str, Path], dict[str, float]]:
     """3. llqx at each recipe's bpw: one state file, scored by the first call and reused by the others
     (with calibration text, the first call also measures the sensitivities)."""
@@ -310,6 +300,8 @@ def make_llqx(
                str(state)]
         if calibration is not None:
             cmd += ["--calibration-file", str(calibration), "--calibration-chunks", str(chunks)]
+        if sketch:
+            cmd.append("--score-sketch")
         cmd += [str(s.model), str(out)]
         seconds[r] = run_cmd(list(cmd), f"llqx-quantize --target-bpw {target:.4f}")
         files[r] = out
@@ -372,9 +364,8 @@ def run(args: argparse.Namespace) -> int:
     if args.only_recipes:
         return 0
     calibration = None if args.skip_llqx else calibration_file(s.work, args.calibrate)
-    llqx_imatrix = without_sketch(imatrix, s.work) if args.no_sketch else imatrix
-    llqx_files, llqx_times = ({}, {}) if args.skip_llqx else make_llqx(s, llqx_imatrix, recipe_files, calibration,
-                                                                      args.calibrate)
+    llqx_files, llqx_times = ({}, {}) if args.skip_llqx else make_llqx(s, imatrix, recipe_files, calibration,
+                                                                      args.calibrate, args.score_sketch)
     result, cached, eval_settings = evaluate_all(args, s, recipe_files, llqx_files, times)
     by_path = {q.path: q for q in result.quants}
     for r in s.recipes:
@@ -384,8 +375,8 @@ def run(args: argparse.Namespace) -> int:
     proxy: dict[str, float] = {}
     if not args.skip_llqx:
         quants = [Path(q.path) for q in result.quants]
-        proxy = proxy_errors(s.model, llqx_imatrix, s.work / f"{s.name}-llqx-state.json", quants, calibration,
-                             args.calibrate)
+        proxy = proxy_errors(s.model, imatrix, s.work / f"{s.name}-llqx-state.json", quants, calibration,
+                             args.calibrate, args.score_sketch)
         for p in points:
             for prefix, files in (("recipe", recipe_files), ("llqx", llqx_files)):
                 r = str(p["recipe"])
@@ -402,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
         "eval_text": "wiki (exllamav2 0.3.2 standard_cal_data/wiki.utf8), held out",
         "calib_text": "c4 (exllamav2 0.3.2 standard_cal_data/c4.utf8)",
         "imatrix": {"path": str(imatrix), "how": im_how, "chunks": args.calib_chunks, "ctx": args.calib_ctx,
-                    "llqx_sketch": not args.no_sketch and llqx.Imatrix.load(imatrix).has_sketch},
+                    "has_sketch": llqx.Imatrix.load(imatrix).has_sketch, "llqx_score_sketch": args.score_sketch},
         "llqx_calibration": {"text": "c4", "chunks": args.calibrate, "ctx": 512} if calibration else None,
         "eval": {
             "ctx": result.ctx,

@@ -64,7 +64,8 @@ def sketch_imatrix(tmp_path_factory: pytest.TempPathFactory, smollm2_f16: Path, 
 @pytest.fixture(scope="session")
 def sketch_scores(smollm2_f16: Path, sketch_imatrix: Path, states: Path) -> llqx.Scores:
     return score(
-        smollm2_f16, sketch_imatrix, state=states / "sketch", nthread=2, sample_elements=SAMPLE, progress=False
+        smollm2_f16, sketch_imatrix, state=states / "sketch", nthread=2, sample_elements=SAMPLE, progress=False,
+        sketch=True,
     )
 
 

@@ -175,6 +175,7 @@ class QuantizeRequest:
     state_file: str | None = None
     candidates: str = "all"
     score_elements: int | None = None
+    score_sketch: bool = False  # weigh errors with the imatrix's sketch of Σ x xᵀ (measured worse so far)
     budgets: list[BudgetSpec] = field(default_factory=list)
     ties: list[str] = field(default_factory=list)
     min_types: list[tuple[str, int]] = field(default_factory=list)

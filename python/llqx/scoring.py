@@ -37,7 +37,7 @@ from .types import ggml_type
 
 log = logging.getLogger("llqx")
 
-SCORING_VERSION = 4
+SCORING_VERSION = 3
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
 # every row's energy is read; the largest rows are always in the sample and the rest are evenly spaced
 # (cpp/llqx_score_sample.cpp)
@@ -75,14 +75,14 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(-1), dtype=np.float32)
 
 
-def error_metric(im: Imatrix | None, t: TensorInfo) -> ErrorMetric | None:
-    """The tensor's metric; None without importance data. With the imatrix's sketch of Σ x xᵀ: its
-    directions and the diagonal E[x²] leaves beside them; else E[x²] plus the mean activation's direction
-    (none in an upstream imatrix)."""
+def error_metric(im: Imatrix | None, t: TensorInfo, sketch: bool = False) -> ErrorMetric | None:
+    """The tensor's metric; None without importance data. E[x²] plus the mean activation's direction (none
+    in an upstream imatrix); with ``sketch`` and a sketch of Σ x xᵀ in the imatrix, its directions and the
+    diagonal E[x²] leaves beside them instead."""
     if im is None or t.name not in im.entries or im.entries[t.name].in_sum2.size != t.shape[0] * shape3(t)[2]:
         return None  # no entry, or a token-embedding entry of another width (llama.cpp ignores it too)
     w = _flat(im.values(t.name))
-    moments = im.second_moments(t.name)
+    moments = im.second_moments(t.name) if sketch else None
     if moments is not None:
         diagonal, directions = moments
         return ErrorMetric(w, _flat(diagonal), _flat(directions), directions.shape[1])
@@ -96,12 +96,12 @@ def importance(im: Imatrix | None, t: TensorInfo) -> np.ndarray | None:
     return None if metric is None else metric.weights
 
 
-def _imatrix_hash(im: Imatrix | None, tensors: Sequence[TensorInfo]) -> str:
+def _imatrix_hash(im: Imatrix | None, tensors: Sequence[TensorInfo], sketch: bool) -> str:
     h = hashlib.sha256()
     if im is None:
         return "none"
     for t in tensors:
-        metric = error_metric(im, t)
+        metric = error_metric(im, t, sketch)
         h.update(t.name.encode() + b"\0")
         # without a sketch the bytes hashed are those of earlier versions, so their measured probes stay valid
         parts = [(b"w", None), (b"a", None)] if metric is None else [(b"w", metric.weights), (b"a", metric.directions)]
@@ -125,6 +125,7 @@ def score(
     candidates: str = "all",
     imatrix_label: str | None = None,
     defer: bool = False,
+    sketch: bool = False,
 ) -> Scores:
     """Score every quantizable tensor of a GGUF model under its candidate types.
 
@@ -136,7 +137,8 @@ def score(
     ``"window"`` scores nothing yet: each ``plan()`` scores the types near its target (more when a
     tensor's pick lands at the edge of them), adding them to the state file. ``imatrix_label``: the
     name recorded in the output for an Imatrix object (a path names itself). ``defer``: with
-    ``"all"``, score nothing yet (check_target() first, then score_all()).
+    ``"all"``, score nothing yet (check_target() first, then score_all()). ``sketch``: weigh errors with the
+    imatrix's sketch of Σ x xᵀ (docs/method.md; measured worse than E[x²] and the mean so far).
     """
     if candidates not in CANDIDATE_MODES:
         raise LlqxError(f"unknown candidates mode '{candidates}' (use {' or '.join(CANDIDATE_MODES)})")
@@ -160,7 +162,7 @@ def score(
     cands = {t.name: tensor_candidates(t, im is not None and t.name in im.entries) for t in quantizable}
     key = {
         "model": _model_hash(info),
-        "imatrix": _imatrix_hash(im, quantizable),
+        "imatrix": _imatrix_hash(im, quantizable, sketch),
         "scoring": SCORING_VERSION,
         "sampling": {
             "elements": sample_elements,
@@ -173,7 +175,7 @@ def score(
     if state is not None:
         check_state_path(Path(state), {"model": model, "imatrix": None if isinstance(imatrix, Imatrix) else imatrix})
     st = load_state(None if state is None else Path(state), key)
-    scorer = _Scorer(info, im, quantizable, cands, st, nthread, sample_elements, progress)
+    scorer = _Scorer(info, im, quantizable, cands, st, nthread, sample_elements, progress, sketch)
     kvs = [] if im is None else imatrix_kv_overrides(select_imatrix(im), label or "")
     meta = meta_size(info.path, kvs, 7)
     has_act = im is not None and im.has_activations
@@ -196,6 +198,7 @@ class _Scorer:
         nthread: int,
         sample_elements: int | None,
         progress: bool,
+        sketch: bool,
     ) -> None:
         self.info = info
         self.im = im
@@ -206,6 +209,7 @@ class _Scorer:
         self.nthread = nthread
         self.sample_elements = sample_elements
         self.progress = progress
+        self.sketch = sketch
 
     def missing(self, need: dict[str, list[int]]) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -264,7 +268,7 @@ def _run_scoring(
     for t in todo:
         ne0, ne1, ne2 = shape3(t)
         weights_of.append(expert_weights(im, t.name, ne2))
-        metric = error_metric(im, t)
+        metric = error_metric(im, t, scorer.sketch)
         job: dict[str, object] = {
             "name": t.name,
             "src_type": t.type,

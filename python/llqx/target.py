@@ -112,7 +112,7 @@ def prepare(req: QuantizeRequest, im: Imatrix) -> Scores:
         check_state_path(state, {"model": inp, "imatrix": req.imatrix, "output": out})
     scores = score(
         inp, im, imatrix_label=label, state=state, nthread=req.nthread, sample_elements=req.score_elements,
-        progress=not (req.quiet or req.json), candidates=req.candidates, defer=True,
+        progress=not (req.quiet or req.json), candidates=req.candidates, defer=True, sketch=req.score_sketch,
     )
     scores.set_metadata(req.override_kv, PLAN_BASE_FTYPE if req.ftype is None else req.ftype.ftype)
     scores.check_target(req.target_bpw, req.target_size, **pins_of(req))

@@ -86,6 +86,8 @@ def usage_text(prog: str = PROG) -> str:
                                "(an llqx state file; any other file there is refused)"]),
         ("--candidates all|window", ["(llqx) window: score the IQ1-IQ3 grid types only near the target"]),
         ("--score-elements N", ["(llqx) elements sampled per tensor when scoring"]),
+        ("--score-sketch", ["(llqx) weigh errors with the imatrix's sketch of the input's second moments",
+                            "(measured worse than E[x²] and the mean so far: see docs/method.md)"]),
         ("--calibration-file FILE", ["(llqx) text to measure each tensor group's real effect on (KL divergence)",
                                      "and plan with it; e.g. the imatrix's text"]),
         ("--calibration-chunks N", ["(llqx) chunks of 512 tokens measured (default 4)"]),
@@ -101,8 +103,8 @@ def usage_text(prog: str = PROG) -> str:
         "[--tensor-type-file]",
         "       [--prune-layers] [--keep-split] [--override-kv] [--dry-run] [--max-buffer-size]",
         "       [--target-bpw] [--target-size] [--budget] [--tie] [--min-type] [--max-type] [--state-file]",
-        "       [--candidates] [--score-elements] [--calibration-file] [--calibration-chunks] [--verify] "
-        "[--quiet] [--verbose] [--json]",
+        "       [--candidates] [--score-elements] [--score-sketch] [--calibration-file] [--calibration-chunks] "
+        "[--verify] [--quiet] [--verbose] [--json]",
         "       model-f32.gguf [model-quant.gguf] type [nthreads]",
         "",
     ]
@@ -161,6 +163,7 @@ _FLAG_OPTIONS = {
     "--leave-output-tensor": "leave_output_tensor", "--dry-run": "dry_run",
     "--allow-requantize": "allow_requantize", "--pure": "pure", "--keep-split": "keep_split",
     "--quiet": "quiet", "--verbose": "verbose", "--json": "json", "--verify": "verify",
+    "--score-sketch": "score_sketch",
 }
 
 
@@ -354,6 +357,9 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
                    "only near the target (a faster first run; the mix can be a little worse)")
     g.add_argument("--score-elements", metavar="N", action=_Checked, convert=parse_score_elements, default=None,
                    help="elements sampled per tensor when scoring (default: 1/32 of it, 32K to 256K)")
+    g.add_argument("--score-sketch", action="store_true",
+                   help="weigh errors with the imatrix's sketch of the input's second moments instead of E[x²] "
+                   "and the mean (measured worse so far: docs/method.md)")
     g.add_argument("--calibration-file", metavar="FILE", default=None,
                    help="text to measure each tensor group's real effect on (KL divergence), planned with; "
                    "e.g. the imatrix's text")
