@@ -37,6 +37,7 @@ from llqx import _core, data
 from llqx.cli.eval import eval_progress
 from llqx.errors import LlqxError
 from llqx.evaluate import EvalResult, QuantResult
+from llqx.imatrix_collect import SKETCH_RANK
 from llqx.probe import Calibration
 from llqx.sensitivity import calibrate
 from llqx.upstream import upstream_tool
@@ -109,7 +110,9 @@ def build_imatrix(model: Path, out: Path, chunks: int, ctx: int, threads: int) -
     except ImportError:
         collect_imatrix = None
     if collect_imatrix is not None:
-        im = collect_imatrix(model, calib, n_ctx=ctx, chunks=chunks, threads=threads, dataset="c4")
+        # with the sketch of Σ x xᵀ, so runs with and without --score-sketch share it (llama.cpp ignores it)
+        im = collect_imatrix(model, calib, n_ctx=ctx, chunks=chunks, threads=threads, dataset="c4",
+                             sketch_rank=SKETCH_RANK)
         im.save(out)
         return time.perf_counter() - t0, "llqx.collect_imatrix"
     calib_file = out.with_suffix(".c4.txt")

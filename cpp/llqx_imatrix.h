@@ -18,7 +18,7 @@ struct llqx_imatrix_params {
     bool        repack         = true;  // ggml's CPU weight repacking, on as in llama-imatrix (-nr turns it off)
     bool        process_output = false; // also collect output.weight
     bool        compute_ppl    = true;
-    int32_t     sketch_rank    = 16;    // columns of each dense tensor's second-moment sketch (llqx_sketch.h); 0: none
+    int32_t     sketch_rank    = 0;     // columns of each dense tensor's second-moment sketch (llqx_sketch.h); 0: none
 };
 
 // raw sums of one weight tensor: arrays n_expert x n_per_row (row-major) and n_expert counts

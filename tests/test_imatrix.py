@@ -58,7 +58,7 @@ def dense_pair(work: Path, smollm2_f16: Path, llama_imatrix: Path) -> tuple[Path
     os.chdir(work)
     try:
         rc = llqx_cli("-m", str(smollm2_f16), "-f", "calib.txt", "-o", str(ours), "-c", str(CTX),
-                      "--chunks", str(CHUNKS), "-t", "2", "--quiet")
+                      "--chunks", str(CHUNKS), "-t", "2", "--sketch-rank", "16", "--quiet")
     finally:
         os.chdir(cwd)
     assert rc == 0
@@ -379,18 +379,19 @@ def test_bad_input(work: Path, smollm2_f16: Path, moe_f16: Path, dense_pair: tup
 
 
 def test_sketch_rank(dense_pair: tuple[Path, Path], smollm2_f16: Path, work: Path) -> None:
-    """--sketch-rank 0 writes no sketch and the same sums; another size stores that many columns."""
-    default = Imatrix.load(dense_pair[1])
-    for rank in (0, 4):
+    """By default (and with --sketch-rank 0) no sketch and the same sums; another size stores that many columns."""
+    default = Imatrix.load(dense_pair[1])  # --sketch-rank 16
+    for rank in (None, 0, 4):
         out = work / f"rank{rank}.gguf"
         assert llqx_cli("-m", str(smollm2_f16), "-f", str(work / "calib.txt"), "-o", str(out), "-c", str(CTX),
-                        "--chunks", str(CHUNKS), "-t", "2", "--sketch-rank", str(rank), "--quiet") == 0
+                        "--chunks", str(CHUNKS), "-t", "2", *([] if rank is None else ["--sketch-rank", str(rank)]),
+                        "--quiet") == 0
         im = Imatrix.load(out)
-        assert im.has_sketch == (rank > 0)
+        assert im.has_sketch == bool(rank)
         for name, e in default.entries.items():
             np.testing.assert_array_equal(im.entries[name].in_sum2, e.in_sum2, err_msg=name)
             mine = im.entries[name].in_sketch
-            if rank == 0:
+            if not rank:
                 assert mine is None, name
                 continue
             assert mine is not None, name

@@ -57,7 +57,8 @@ def sketch_imatrix(tmp_path_factory: pytest.TempPathFactory, smollm2_f16: Path, 
     """llqx's own imatrix of SmolLM2 (with in_sum and the sketch of Σ x xᵀ), 3 chunks of 128 tokens."""
     out = tmp_path_factory.mktemp("im") / "smol.llqx.gguf"
     text = calib_text.read_text(encoding="utf-8")
-    llqx.collect_imatrix(smollm2_f16, text, n_ctx=128, chunks=3, threads=2, compute_ppl=False).save(out)
+    llqx.collect_imatrix(smollm2_f16, text, n_ctx=128, chunks=3, threads=2, compute_ppl=False,
+                         sketch_rank=16).save(out)
     return out
 
 

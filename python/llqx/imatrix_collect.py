@@ -51,9 +51,11 @@ class ImatrixRun:
     warnings: list[str] = field(default_factory=list)
 
 
-# columns of each dense tensor's sketch of Σ x xᵀ (its size; cpp/llqx_sketch.h): twice the directions the
-# scorer reads from it (imatrix.SKETCH_DIRECTIONS), which Nyström's approximation then finds well
+# columns of each dense tensor's sketch of Σ x xᵀ (cpp/llqx_sketch.h) when one is asked for: twice the
+# directions the scorer reads from it (imatrix.SKETCH_DIRECTIONS), which Nyström's approximation then finds
+# well. Off by default: it slows the imatrix pass (SmolLM2: 1.3×) and made no plan better (docs/method.md)
 SKETCH_RANK = 16
+DEFAULT_SKETCH_RANK = 0
 MAX_SKETCH_RANK = 64
 
 
@@ -85,7 +87,7 @@ class ImatrixCollector:
     def __init__(self, model: str | os.PathLike[str], *, n_ctx: int = 512, n_batch: int = 2048,
                  n_ubatch: int = 512, threads: int | None = None, n_gpu_layers: int = -1,
                  process_output: bool = False, compute_ppl: bool = True, repack: bool = True,
-                 sketch_rank: int = SKETCH_RANK) -> None:
+                 sketch_rank: int = DEFAULT_SKETCH_RANK) -> None:
         path = Path(model)
         if not path.is_file():
             raise LlqxError(f"model not found: {path}")
@@ -177,7 +179,7 @@ def collect_imatrix(model: str | os.PathLike[str], text: str | bytes | None = No
                     n_ubatch: int = 512, threads: int | None = None, n_gpu_layers: int = -1,
                     chunks: int = -1, skip_chunks: int = 0, process_output: bool = False,
                     parse_special: bool = False, compute_ppl: bool = True, dataset: str | None = None,
-                    repack: bool = True, sketch_rank: int = SKETCH_RANK,
+                    repack: bool = True, sketch_rank: int = DEFAULT_SKETCH_RANK,
                     progress: Callable[[ImatrixProgress], bool | None] | None = None) -> Imatrix:
     """Run model over text (or token ids) like llama-imatrix and return Σx², Σx, counts and the sketch of
     Σ x xᵀ (``sketch_rank`` directions per dense weight; 0: none) per weight.

@@ -18,7 +18,14 @@ from rich.progress import TextColumn
 
 from ..errors import LlqxError
 from ..imatrix import Imatrix, check_imatrix_fits
-from ..imatrix_collect import SKETCH_RANK, ImatrixCollector, ImatrixProgress, default_threads, plan_chunks
+from ..imatrix_collect import (
+    DEFAULT_SKETCH_RANK,
+    SKETCH_RANK,
+    ImatrixCollector,
+    ImatrixProgress,
+    default_threads,
+    plan_chunks,
+)
 from ..imatrix_stats import layer_stats, stats_json, stats_tables, tensor_stats
 from ..progress import progress_bar
 
@@ -56,9 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--in-file", dest="in_files", action="append", default=[],
                    help="imatrix to merge with / continue from (repeatable); weighted by their counts")
     p.add_argument("--process-output", action="store_true", help="also collect output.weight")
-    p.add_argument("--sketch-rank", type=int, default=SKETCH_RANK,
-                   help=f"columns of each dense tensor's sketch of its input's second moments (default "
-                        f"{SKETCH_RANK}; 0: none)")
+    p.add_argument("--sketch-rank", type=int, default=DEFAULT_SKETCH_RANK,
+                   help=f"also store a sketch of each dense tensor's input second moments with N columns (e.g. "
+                        f"{SKETCH_RANK}), for llqx-quantize --score-sketch (default {DEFAULT_SKETCH_RANK}: none)")
     p.add_argument("--parse-special", action="store_true", help="parse special tokens in the text")
     p.add_argument("--no-ppl", action="store_true", help="do not compute perplexity")
     p.add_argument("--show-statistics", action="store_true",
