@@ -145,7 +145,8 @@ def test_empty_mix_and_restore(
     monkeypatch.setenv("LLQX_CACHE_DIR", str(tmp_path))
     self_eval = llqx.evaluate(smollm2_f16, [smollm2_f16], eval_text, ctx=SMALL_CTX, chunks=SMALL_CHUNKS,
                               threads=THREADS)
-    assert 0 <= kld[0] < 1e-5
+    # the reference rows are rounded to 16 bits, so the base against itself is ~0 and may be a hair below it
+    assert abs(kld[0]) < 1e-5
     assert kld[0] == pytest.approx(self_eval.quants[0].kld_mean.value, rel=1e-9, abs=1e-12)
     assert got["nll_base"] == pytest.approx(np.log(self_eval.base.ppl.value), rel=1e-9)
     # the thread count changes neither the quantized weights nor the decode
