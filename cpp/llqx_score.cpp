@@ -18,18 +18,19 @@
 // rows of one work item: a block never crosses an expert boundary
 static const int64_t LLQX_SCORE_BLOCK_ELEMENTS = 32 * 1024;
 
-// dᵀ·(diag(v) + Σ_k a_k a_kᵀ)·d for one row d of n values: v nullptr counts 1 per column, a holds n_dir
-// rows of n
-static double score_quadratic(const double * d, const float * v, const float * a, int32_t n_dir, int64_t n) {
+// dᵀ·(diag(v) + Σ_k a_k a_kᵀ)·d for one row d of n values (a weight row as it is, an error row in double),
+// in double: v nullptr counts 1 per column, a holds n_dir rows of n
+template <typename T>
+static double score_quadratic(const T * d, const float * v, const float * a, int32_t n_dir, int64_t n) {
     double sum = 0.0;
     for (int64_t k = 0; k < n; ++k) {
-        sum += (v ? (double) v[k] : 1.0) * d[k] * d[k];
+        sum += (v ? (double) v[k] : 1.0) * (double) d[k] * (double) d[k];
     }
     for (int32_t i = 0; i < n_dir; ++i) {
         const float * ai = a + (size_t) i * (size_t) n;
         double p = 0.0;
         for (int64_t k = 0; k < n; ++k) {
-            p += (double) ai[k] * d[k];
+            p += (double) ai[k] * (double) d[k];
         }
         sum += p * p;
     }
@@ -267,7 +268,6 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         st.row_scale.assign(st.rows.size(), 0.0);
         st.slice_energy.assign((size_t) j.ne[2], 0.0);
         std::vector<float>   xr((size_t) ne0);
-        std::vector<double>  xd((size_t) ne0);
         std::vector<double>  energy((size_t) j.ne[1]);
         std::vector<int64_t> rows;
         std::vector<double>  scales;
@@ -277,10 +277,7 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             double slice = 0.0;
             for (int64_t r = 0; r < j.ne[1]; ++r) {
                 read_row(e * j.ne[1] + r, xr.data());
-                for (int64_t k = 0; k < ne0; ++k) {
-                    xd[(size_t) k] = (double) xr[(size_t) k];
-                }
-                energy[(size_t) r] = score_quadratic(xd.data(), v, a, j.n_dir, ne0);
+                energy[(size_t) r] = score_quadratic(xr.data(), v, a, j.n_dir, ne0);
                 slice += energy[(size_t) r];
             }
             st.slice_energy[(size_t) e] = slice;

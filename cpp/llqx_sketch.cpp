@@ -1,10 +1,8 @@
 #include "llqx_sketch.h"
 
-#include <cstddef>
+#include "ggml.h" // GGML_RESTRICT
 
-#ifndef GGML_RESTRICT
-#define GGML_RESTRICT __restrict__
-#endif
+#include <cstddef>
 
 // rows summed together by the hot loop (below)
 static const int32_t SKETCH_BLOCK = 8;
