@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from llqx import _core
-from llqx.imatrix import Imatrix, ImatrixEntry, nystrom_directions
+from llqx.imatrix import Imatrix, ImatrixEntry
+from llqx.imatrix_sketch import nystrom_directions
 
 
 def _stream(rng: np.random.Generator, n_rows: int, n: int, spectrum: list[float], noise: float) -> np.ndarray:

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import _core
 from .atomic import atomic_path
 from .errors import LlqxError
-from .model import ModelInfo
+from .imatrix_sketch import SKETCH_DIRECTIONS, merge_sketches, sketch_second_moments
 
 KEY_DATASETS = "imatrix.datasets"
-# leading directions of a sketch that the error estimate uses (of its p columns, which oversample them)
-SKETCH_DIRECTIONS = 8
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
 
@@ -108,9 +104,7 @@ class Imatrix:
         count = float(np.rint(e.counts.reshape(-1)[0])) if e.counts.size == 1 else 0.0
         if e.in_sketch is None or count <= 0:
             return None
-        directions = nystrom_directions(e.in_sketch, n_dir) / np.sqrt(count)
-        rest = self.values(name).astype(np.float64) - np.sum(np.square(directions), axis=0)
-        return np.maximum(rest, 0.0).astype(np.float32), directions.astype(np.float32)[None]
+        return sketch_second_moments(e.in_sketch, count, self.values(name), n_dir)
 
     def quantize_weights(self) -> dict[str, np.ndarray]:
         """The flat per-tensor weights llama_model_quantize takes (experts concatenated)."""
@@ -202,7 +196,7 @@ class Imatrix:
                     mine.in_sum = mine.in_sum.astype(np.float64) + e.in_sum
                 else:
                     mine.in_sum = None
-                mine.in_sketch = _merge_sketches(mine.in_sketch, e.in_sketch)
+                mine.in_sketch = merge_sketches(mine.in_sketch, e.in_sketch)
             # names only in `out` keep their sums: their in_sum stays valid (the other run did not see them)
         out.chunk_count = out.chunks_from_counts()
         return out
@@ -214,36 +208,6 @@ class Imatrix:
         top = max(float(np.max(e.counts)) if e.counts.size else 0.0 for e in self.entries.values())
         return round(top) // self.chunk_size
 
-
-
-def nystrom_directions(sketch: np.ndarray, n_dir: int) -> np.ndarray:
-    """The n_dir leading directions a_i (n_dir × n, float64; zero rows where there are fewer) of the PSD matrix
-    M that the sketch Y = M·Ω saw, from Nyström's approximation Y (ΩᵀY)⁺ Yᵀ ⪯ M, with the small shift ν that
-    keeps it stable in floating point (Tropp et al., 2017): Σ a_i a_iᵀ ⪯ M, exact where M has rank ≤ p."""
-    yt = sketch.astype(np.float64)  # p × n: Yᵀ
-    p, n = yt.shape
-    omega_t = _core.sketch_test_matrix(n, p).astype(np.float64)
-    nu = np.sqrt(n) * np.finfo(np.float32).eps * np.linalg.norm(yt)
-    if nu == 0:
-        return np.zeros((n_dir, n))
-    y_nu = yt + nu * omega_t  # the sketch of M + νI
-    core = omega_t @ y_nu.T
-    core = (core + core.T) / 2
-    vals, vecs = np.linalg.eigh(core)
-    keep = vals > vals.max() * 1e-12
-    half = y_nu.T @ (vecs[:, keep] / np.sqrt(vals[keep]))  # n × k: Nyström of M + νI is half·halfᵀ
-    u, sigma, _ = np.linalg.svd(half, full_matrices=False)
-    lam = np.maximum(sigma**2 - nu, 0.0)  # eigenvalues of the approximation of M, descending
-    out = np.zeros((n_dir, n))
-    k = min(n_dir, lam.size)
-    out[:k] = (u[:, :k] * np.sqrt(lam[:k])).T
-    return out
-
-
-def _merge_sketches(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-    if a is None or b is None or a.shape != b.shape:
-        return None
-    return (a.astype(np.float64) + b).astype(np.float32)  # one fixed Ω per width: sketches add up
 
 
 def _load_gguf(path: Path) -> Imatrix:
@@ -403,56 +367,3 @@ def _save_dat(im: Imatrix, path: Path) -> None:
         ds = (im.datasets[-1] if im.datasets else "").encode("utf-8")
         f.write(struct.pack("<i", len(ds)))
         f.write(ds)
-
-
-@dataclass
-class ImatrixSelection:
-    """The per-tensor weights handed to llama.cpp, after --include/--exclude-weights."""
-
-    weights: dict[str, object] = field(default_factory=dict)
-    datasets: list[str] = field(default_factory=list)
-    chunk_count: int = 0
-
-
-def select_imatrix(imatrix: Imatrix, include: Sequence[str] = (),
-                   exclude: Sequence[str] = ()) -> ImatrixSelection:
-    """Normalize and filter as llama-quantize does (substring matches; exclude, then include)."""
-    if include and exclude:
-        raise LlqxError("--include-weights and --exclude-weights cannot be used together")
-    weights = imatrix.quantize_weights()
-    if exclude:
-        weights = {k: v for k, v in weights.items() if not any(x in k for x in exclude)}
-    if include:
-        weights = {k: v for k, v in weights.items() if any(x in k for x in include)}
-    return ImatrixSelection(dict(weights), list(imatrix.datasets), imatrix.chunk_count)
-
-
-def check_imatrix_fits(im: Imatrix, info: ModelInfo, source: str, every_entry: bool = False) -> None:
-    """Refuse an imatrix made for another model or holding NaN/inf: the one check the writer, the scorer
-    and ``llqx imatrix --in-file`` share.
-
-    No tensor name in common, or a width that differs (ne[0]·ne[2], token embeddings exempt, as in
-    llama.cpp, which quantizes silently without weights when no name matches); with ``every_entry`` also
-    any entry for a tensor the model lacks (merging into another model's file).
-    """
-    tensors = {t.name: t for t in info.tensors}
-    if every_entry:
-        lacking = next((name for name in im.entries if name not in tensors), None)
-        if lacking is not None:
-            raise LlqxError(f"{source} does not belong to this model: it has data for {lacking}, which the model lacks")
-    matched = [name for name in im.entries if name in tensors]
-    if not matched:
-        raise LlqxError(f"imatrix {source} does not belong to this model: none of its "
-                        f"{len(im.entries)} tensor names is in {info.path}")
-    for name in matched:
-        t = tensors[name]
-        e = im.entries[name]
-        n_mat = t.shape[2] if len(t.shape) > 2 else 1
-        want = t.shape[0] * n_mat
-        have = int(e.in_sum2.size)
-        if (have != want or (e.n_expert > 1 and e.n_expert != n_mat)) and "token_embd" not in name:
-            raise LlqxError(f"imatrix {source} does not belong to this model: {name} has {e.n_expert} x "
-                            f"{e.n_per_row} values, the model's weight is {n_mat} x {t.shape[0]}")
-        parts = [e.in_sum2, e.counts] + [x for x in (e.in_sum, e.in_sketch) if x is not None]
-        if not all(np.isfinite(np.asarray(x, dtype=np.float64)).all() for x in parts):
-            raise LlqxError(f"imatrix {source} holds NaN or infinite values for {name}")

@@ -52,7 +52,7 @@ class ImatrixRun:
 
 
 # columns of each dense tensor's sketch of Σ x xᵀ (cpp/llqx_sketch.h) when one is asked for: twice the
-# directions the scorer reads from it (imatrix.SKETCH_DIRECTIONS), which Nyström's approximation then finds
+# directions the scorer reads from it (imatrix_sketch.SKETCH_DIRECTIONS), which Nyström's approximation then finds
 # well. Off by default: it slows the imatrix pass (SmolLM2: 1.3×) and made no plan better (docs/method.md)
 SKETCH_RANK = 16
 DEFAULT_SKETCH_RANK = 0

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from . import _core
 from .errors import LlqxError
-from .imatrix import ImatrixSelection
+from .imatrix_select import ImatrixSelection
 
 KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from . import _core
 from . import log as _log
 from .errors import LlqxError
-from .imatrix import Imatrix, check_imatrix_fits, select_imatrix
+from .imatrix import Imatrix
+from .imatrix_select import check_imatrix_fits, select_imatrix
 from .metadata import imatrix_kv_overrides, parse_kv_override
 from .model import ModelInfo, inspect
 from .runner import run_in_worker

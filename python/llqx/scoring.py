@@ -24,7 +24,8 @@ import numpy as np
 from . import _core
 from .errors import LlqxError
 from .estimator import combine_experts, expert_weights, local_error_divisors, output_weights
-from .imatrix import Imatrix, check_imatrix_fits, select_imatrix
+from .imatrix import Imatrix
+from .imatrix_select import check_imatrix_fits, select_imatrix
 from .llama_rules import shape3, tensor_candidates, tensor_is_quantizable, tensor_nbytes
 from .metadata import imatrix_kv_overrides, meta_size
 from .model import ModelInfo, TensorInfo, inspect

@@ -15,7 +15,8 @@ from typing import Any
 
 from . import _core
 from .errors import LlqxError
-from .imatrix import Imatrix, check_imatrix_fits
+from .imatrix import Imatrix
+from .imatrix_select import check_imatrix_fits
 from .llama_rules import tensor_is_quantizable
 from .plan import Plan
 from .planner import Scores

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import TextColumn
 
 from ..errors import LlqxError
-from ..imatrix import Imatrix, check_imatrix_fits
+from ..imatrix import Imatrix
 from ..imatrix_collect import (
     DEFAULT_SKETCH_RANK,
     SKETCH_RANK,
@@ -26,6 +26,7 @@ from ..imatrix_collect import (
     default_threads,
     plan_chunks,
 )
+from ..imatrix_select import check_imatrix_fits
 from ..imatrix_stats import layer_stats, stats_json, stats_tables, tensor_stats
 from ..progress import progress_bar
 

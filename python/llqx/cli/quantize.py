@@ -29,7 +29,8 @@ from typing import Any
 from .. import _core
 from .. import log as _log
 from ..errors import LlqxError
-from ..imatrix import Imatrix, select_imatrix
+from ..imatrix import Imatrix
+from ..imatrix_select import select_imatrix
 from ..model import inspect
 from ..quantize import quantize
 from ..request import (
