@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--reuse",
         action="store_true",
-        help="reuse the imatrix and recipe quants an earlier run made with the same settings (with its times)",
+        help="reuse the imatrix, the recipe quants, llqx's state and quants and their evaluations that an "
+             "earlier run made with the same settings (with its times): sizes can be added run by run",
     )
     ap.add_argument("--only-recipes", action="store_true", help="stop after the imatrix and the recipe quants")
     ap.add_argument("--no-eval-cache", action="store_true", help="do not cache the base model's log-probs")
@@ -287,17 +288,28 @@ def make_recipes(args: argparse.Namespace, s: Setup, imatrix: Path) -> tuple[dic
 
 
 def make_llqx(
-    s: Setup, imatrix: Path, recipe_files: dict[str, Path], calibration: Path | None, chunks: int, sketch: bool
+    args: argparse.Namespace, s: Setup, imatrix: Path, recipe_files: dict[str, Path], calibration: Path | None
 ) -> tuple[dict[str, Path], dict[str, float]]:
     """3. llqx at each recipe's bpw: one state file, scored by the first call and reused by the others
-    (with calibration text, the first call also measures the sensitivities)."""
+    (with calibration text, the first call also measures the sensitivities). With --reuse the state and
+    the llqx files an earlier run made with the same settings are kept, so sizes can be added run by run."""
     files: dict[str, Path] = {}
     seconds: dict[str, float] = {}
+    chunks, sketch = args.calibrate, args.score_sketch
     state = s.work / f"{s.name}-llqx-state.json"
-    state.unlink(missing_ok=True)  # the first call scores (timed as such), the rest reuse the state
+    if not args.reuse:
+        state.unlink(missing_ok=True)  # the first call scores (timed as such), the rest reuse the state
     for r in s.recipes:
         target = llqx.inspect(recipe_files[r]).bpw
         out = s.work / f"{s.name}-llqx-{target:.4f}.gguf"
+        settings: dict[str, object] = {"target_bpw": f"{target:.6f}", "imatrix": imatrix.stat().st_size,
+                                       "calibration_chunks": chunks if calibration else 0, "sketch": sketch,
+                                       "state": state.name}
+        earlier = reused(out, settings) if args.reuse else None
+        if earlier is not None:
+            seconds[r], files[r] = earlier, out
+            log(f"llqx @ {target:.4f}: reused from an earlier run ({earlier:.1f} s then)")
+            continue
         # no type/nthreads positional: in llama-quantize's grammar a third word is the type
         cmd = [*llqx_quantize_cmd(), "--target-bpw", f"{target:.6f}", "--imatrix", str(imatrix), "--state-file",
                str(state)]
@@ -307,6 +319,7 @@ def make_llqx(
             cmd.append("--score-sketch")
         cmd += [str(s.model), str(out)]
         seconds[r] = run_cmd(list(cmd), f"llqx-quantize --target-bpw {target:.4f}")
+        record(out, settings, seconds[r])
         files[r] = out
         log(f"llqx @ {target:.4f}: {llqx.inspect(out).bpw:.4f} bpw in {seconds[r]:.1f} s")
     return files, seconds
@@ -320,14 +333,14 @@ def evaluate_all(args: argparse.Namespace, s: Setup, recipe_files: dict[str, Pat
     quants = [recipe_files[r] for r in s.recipes] + [llqx_files[r] for r in s.recipes if r in llqx_files]
     settings: dict[str, object] = {"base": str(s.model), "base_size": s.model.stat().st_size, "ctx": args.eval_ctx,
                                    "chunks": n_chunk, "text_chars": len(text)}
-    cached: dict[str, QuantResult] = {}
+    cached: dict[str, QuantResult] = {}  # by file path
     if args.reuse:
-        for r in s.recipes:
-            rec = reused_eval(recipe_files[r], settings)
+        for q in quants:
+            rec = reused_eval(q, settings)
             if rec is not None:
-                cached[r] = rec
-                log(f"recipe {r}: evaluation reused from an earlier run")
-    to_eval = [q for q in quants if q not in {recipe_files[r] for r in cached}]
+                cached[str(q)] = rec
+                log(f"{q.name}: evaluation reused from an earlier run")
+    to_eval = [q for q in quants if str(q) not in cached]
     t0 = time.perf_counter()
     with eval_progress(args.eval_ctx, enabled=not args.quiet) as on_progress:
         result = llqx.evaluate(s.model, to_eval, text, ctx=args.eval_ctx, chunks=n_chunk, threads=args.threads,
@@ -367,13 +380,12 @@ def run(args: argparse.Namespace) -> int:
     if args.only_recipes:
         return 0
     calibration = None if args.skip_llqx else calibration_file(s.work, args.calibrate)
-    llqx_files, llqx_times = ({}, {}) if args.skip_llqx else make_llqx(s, imatrix, recipe_files, calibration,
-                                                                      args.calibrate, args.score_sketch)
+    llqx_files, llqx_times = ({}, {}) if args.skip_llqx else make_llqx(args, s, imatrix, recipe_files, calibration)
     result, cached, eval_settings = evaluate_all(args, s, recipe_files, llqx_files, times)
     by_path = {q.path: q for q in result.quants}
-    for r in s.recipes:
-        if r not in cached:
-            record_eval(recipe_files[r], eval_settings, by_path[str(recipe_files[r])])
+    for f in [*recipe_files.values(), *llqx_files.values()]:
+        if str(f) not in cached and str(f) in by_path:
+            record_eval(f, eval_settings, by_path[str(f)])
     points = collect_points(s, result, recipe_files, recipe_times, llqx_files, llqx_times)
     proxy: dict[str, float] = {}
     if not args.skip_llqx:
