@@ -72,3 +72,30 @@ def test_quick_recipe_run(smollm2_f16: Path, tmp_path: Path, capsys: pytest.Capt
     assert "| Q4_0 |" in md
     assert (out_dir / "smol.png").read_bytes()[:4] == b"\x89PNG"
     assert "Quick run" in capsys.readouterr().out
+
+
+def test_reuse_keeps_llqx_quants_and_adds_sizes(smollm2_f16: Path, tmp_path: Path) -> None:
+    """--reuse: a second run with one more recipe remakes nothing of the first (files untouched, same
+    evaluations) and makes only the new size."""
+    bench = _load_bench()
+    out_dir, work = tmp_path / "results", tmp_path / "work"
+
+    def run(recipes: str) -> dict[str, object]:
+        rc = bench.main(  # type: ignore[attr-defined]
+            [str(smollm2_f16), "--name", "smol", "--recipes", recipes, "--calibrate", "0", "--eval-tokens", "126",
+             "--eval-ctx", "128", "--calib-chunks", "2", "--calib-ctx", "128", "-t", "2", "--quiet",
+             "--no-eval-cache", "--reuse", "--out-dir", str(out_dir), "--work-dir", str(work)]
+        )
+        assert rc == 0
+        return json.loads((out_dir / "smol.json").read_text())
+
+    first = run("Q4_0")
+    llqx_file = work / str(first["points"][0]["llqx_file"])  # type: ignore[index]
+    made = llqx_file.stat().st_mtime_ns
+    second = run("Q4_0,Q8_0")
+    assert llqx_file.stat().st_mtime_ns == made
+    pts = {p["recipe"]: p for p in second["points"]}  # type: ignore[union-attr]
+    assert pts["Q4_0"]["llqx_kld"] == first["points"][0]["llqx_kld"]  # type: ignore[index]
+    assert pts["Q4_0"]["llqx_quantize_s"] == first["points"][0]["llqx_quantize_s"]  # type: ignore[index]
+    assert pts["Q8_0"]["llqx_bpw"] == pytest.approx(pts["Q8_0"]["recipe_bpw"], abs=1e-3)
+    assert 0 < pts["Q8_0"]["llqx_kld"] < pts["Q4_0"]["llqx_kld"]
