@@ -303,8 +303,7 @@ def make_llqx(
         target = llqx.inspect(recipe_files[r]).bpw
         out = s.work / f"{s.name}-llqx-{target:.4f}.gguf"
         settings: dict[str, object] = {"target_bpw": f"{target:.6f}", "imatrix": imatrix.stat().st_size,
-                                       "calibration_chunks": chunks if calibration else 0, "sketch": sketch,
-                                       "state": state.name}
+                                       "calibration_chunks": chunks if calibration else 0, "sketch": sketch}
         earlier = reused(out, settings) if args.reuse else None
         if earlier is not None:
             seconds[r], files[r] = earlier, out
@@ -384,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
     result, cached, eval_settings = evaluate_all(args, s, recipe_files, llqx_files, times)
     by_path = {q.path: q for q in result.quants}
     for f in [*recipe_files.values(), *llqx_files.values()]:
-        if str(f) not in cached and str(f) in by_path:
+        if str(f) not in cached:
             record_eval(f, eval_settings, by_path[str(f)])
     points = collect_points(s, result, recipe_files, recipe_times, llqx_files, llqx_times)
     proxy: dict[str, float] = {}
