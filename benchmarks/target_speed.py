@@ -9,13 +9,18 @@ One invocation measures, under /usr/bin/time -v and --repeat times in turn (medi
      llqx's own overhead (quantizing some types, e.g. Q4_1 with an imatrix, is 4x slower than others)
 With --calibration-chunks N the llqx runs measure sensitivities on N chunks of c4 (--calibration-file):
 cold then includes the probes (one forward pass per tensor group), warm takes them from the state file.
+With --imatrix-sensitivity-chunks N the imatrix is llqx's, made with `llqx imatrix --sensitivity-chunks N`
+(4 chunks of 512 tokens of c4, the probes on the first N): the llqx runs plan with the measured
+sensitivities it carries and no calibration text, and the imatrix pass itself is timed against
+llama-imatrix on the same chunks (ratio_imatrix_pass).
 and writes ratios (wall time and peak RSS, llqx ÷ upstream) to benchmarks/results/target_speed.json
 (merged by model name). Goals: cold ≤ 2.0, warm ≤ 1.1, RSS ≤ 1.25 (against Q4_K_M). Also measured: the
 seconds llama.cpp takes to build the candidate IQ types' lookup grids, and from it the floor of both
 ratios (grid set-up + upstream writing llqx's mix; the write alone when warm).
 
     python benchmarks/target_speed.py --model M.gguf [--imatrix IM.gguf] [--threads 2] [--repeat 3]
-    [--candidates window|all] [--calibration-chunks N] [--llqx-root OLD/python] [--results R.json]
+    [--candidates window|all] [--calibration-chunks N] [--imatrix-sensitivity-chunks N]
+    [--llqx-root OLD/python] [--results R.json]
 """
 
 from __future__ import annotations
@@ -67,6 +72,22 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int
     return wall, rss
 
 
+def llqx_imatrix(model: Path, work: Path, threads: int, probe_chunks: int, root: str) -> tuple[Path, dict[str, object]]:
+    """llqx imatrix with measured sensitivities, and llama-imatrix on the same 4×512 tokens, both timed."""
+    calib = work / "calib.txt"
+    calib.write_text(data.text("c4").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    common = ["-m", str(model), "-f", str(calib), "-c", "512", "--chunks", "4", "-t", str(threads)]
+    up_wall, up_rss = timed([str(tool("llama-imatrix")), *common, "-o", str(work / "upstream-imatrix.gguf")])
+    out = work / "llqx-imatrix.gguf"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    wall, rss = timed([sys.executable, "-m", "llqx.cli", "imatrix", *common, "--sensitivity-chunks",
+                       str(probe_chunks), "--quiet", "-o", str(out)], env)
+    return out, {"chunks": 4, "ctx": 512, "sensitivity_chunks": probe_chunks,
+                 "llama_imatrix": {"wall_s": round(up_wall, 2), "peak_rss_kib": int(up_rss)},
+                 "llqx_imatrix": {"wall_s": round(wall, 2), "peak_rss_kib": int(rss)},
+                 "ratio_imatrix_pass": round(wall / up_wall, 3)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="F16 GGUF (default: the SmolLM2 fixture)")
@@ -83,6 +104,10 @@ def main() -> int:
         help="measure sensitivities on this many chunks of c4 in the llqx runs (default: none)",
     )
     ap.add_argument(
+        "--imatrix-sensitivity-chunks", type=int, default=0,
+        help="make the imatrix with llqx imatrix --sensitivity-chunks N and time it (default: llama-imatrix)",
+    )
+    ap.add_argument(
         "--llqx-root",
         default=LLQX_ROOT,
         help="the folder holding the llqx package the timed runs import (e.g. an older build's python/)",
@@ -95,6 +120,10 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="llqx-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     imatrix = args.imatrix
+    imatrix_pass: dict[str, object] = {}
+    if args.imatrix_sensitivity_chunks > 0:
+        imatrix, imatrix_pass = llqx_imatrix(model, work, args.threads, args.imatrix_sensitivity_chunks,
+                                             args.llqx_root)
     if imatrix is None:
         calib = work / "calib.txt"
         calib.write_text(data.text("c4").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
@@ -251,13 +280,16 @@ def main() -> int:
         # the least a cold / warm run can take ÷ upstream Q4_K_M: grid set-up + writing the mix / the write
         "ratio_floor_cold": round((grid_init + mix_wall) / up_wall, 3),
         "ratio_floor_warm": round(mix_wall / up_wall, 3),
+        **({"imatrix_pass": imatrix_pass} if imatrix_pass else {}),
         "goals": {"cold_time": 2.0, "warm_time": 1.1, "rss": 1.25},
         "load_average_1min": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(args.results.read_text(encoding="utf-8")) if args.results.exists() else {}
-    doc[row["model"] + (f"+calibration{args.calibration_chunks}" if args.calibration_chunks else "")] = row
+    suffix = f"+calibration{args.calibration_chunks}" if args.calibration_chunks else ""
+    suffix += f"+imatrix-sensitivities{args.imatrix_sensitivity_chunks}" if args.imatrix_sensitivity_chunks else ""
+    doc[row["model"] + suffix] = row
     args.results.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(row, indent=2))
     return 0

@@ -180,3 +180,65 @@ def test_measured_groups_price_local_error(
         assert t["error"] == pytest.approx(factor[tensor_group(t["name"], n_layer)] * local, rel=1e-9)
         checked += 1
     assert checked >= 7 * n_layer
+
+
+def imatrix_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "llqx.cli", "imatrix", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+
+
+def test_imatrix_pass_carries_the_sensitivities(
+    smollm2_f16: Path, calib_text: Path, llama_quantize: Path, tmp_path: Path
+) -> None:
+    """llqx imatrix --sensitivity-chunks 1 stores each group's probe in the file (upstream still reads it);
+    a target planned from it measures nothing and equals the target that measures the same chunk itself
+    (--calibration-file, same text) on the same sums; a merge, which changes the sums, drops them."""
+    im = tmp_path / "im.gguf"
+    r = imatrix_cli("-m", smollm2_f16, "-f", calib_text, "-c", "512", "--chunks", "2", "-t", "2",
+                    "--sensitivity-chunks", "1", "--json", "-o", im)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    carried = Imatrix.load(im)
+    assert summary["sensitivity_groups"] == len(carried.sensitivities) > 20
+    assert all(k > 0 for k in carried.sensitivities.values())
+    q4 = tmp_path / "q4.gguf"
+    up = subprocess.run([str(llama_quantize), "--imatrix", str(im), str(smollm2_f16), str(q4), "Q4_K_M", "2"],
+                        capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
+
+    plain = tmp_path / "plain.gguf"
+    bare = Imatrix.load(im)
+    bare.sensitivities = {}
+    bare.save(plain)
+    assert not Imatrix.load(plain).sensitivities
+
+    common = ["--target-bpw", "4.5", "--dry-run", "--json"]
+    from_file = quantize_cli("--imatrix", im, *common, smollm2_f16)
+    measured = quantize_cli("--imatrix", plain, *common, "--calibration-file", calib_text,
+                            "--calibration-chunks", "1", smollm2_f16)
+    estimator = quantize_cli("--imatrix", plain, *common, smollm2_f16)
+    for run in (from_file, measured, estimator):
+        assert run.returncode == 0, run.stderr
+    a, b, c = (json.loads(x.stdout) for x in (from_file, measured, estimator))
+    assert a["sensitivity_source"].startswith("from the imatrix file")
+    assert {g["group"]: g["kld"] for g in a["sensitivity"]} == {g["group"]: g["kld"] for g in b["sensitivity"]}
+    assert a["tensors"] == b["tensors"]
+    assert "sensitivity" not in c
+    assert a["error"] != pytest.approx(c["error"])  # calibrated: the error is in KL divergence
+
+    merged = tmp_path / "merged.gguf"
+    r = imatrix_cli("--in-file", im, "--in-file", im, "-o", merged)
+    assert r.returncode == 0, r.stderr
+    assert not Imatrix.load(merged).sensitivities
+
+
+def test_imatrix_sensitivities_refused_up_front(calib_text: Path, tmp_path: Path) -> None:
+    """A quantized model, or the legacy format, cannot carry them: one line, before anything runs."""
+    q41 = data.fetch(data.SMOLLM2_Q4_1)
+    for extra, msg in ((["-m", q41], "full-precision"),
+                       (["-m", data.smollm2_f16(), "--output-format", "dat"], "--output-format dat")):
+        out = tmp_path / "im.out"
+        r = imatrix_cli(*extra, "-f", calib_text, "--sensitivity-chunks", "1", "-o", out)
+        assert r.returncode == 1
+        assert msg in r.stderr.strip().splitlines()[-1]
+        assert not out.exists()

@@ -3,7 +3,8 @@
 Per weight tensor and per MoE expert the record holds raw sums over routed token rows:
 ``in_sum2`` = Σx², ``in_sum`` = Σx and ``counts``; for a dense tensor also ``in_sketch``, a sketch of
 Σ x xᵀ beyond its diagonal (Σ x·(Ωᵀx) for a fixed ±1 test matrix Ω, cpp/llqx_sketch.h). ``in_sum`` and
-``in_sketch`` are llqx's extensions (None in upstream files, which llama.cpp reads as its own).
+``in_sketch`` are llqx's extensions (None in upstream files, which llama.cpp reads as its own), as are the
+``llqx.sensitivity.*`` keys: each tensor group's KL divergence measured after collecting (llqx.sensitivity).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from .imatrix_sketch import SKETCH_DIRECTIONS, merge_sketches, sketch_second_mom
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
+KEY_SENS_METHOD = "llqx.sensitivity.method"
+KEY_SENS_SOURCE = "llqx.sensitivity.source"
+KEY_SENS_GROUPS = "llqx.sensitivity.groups"
+KEY_SENS_KLD = "llqx.sensitivity.kld"
 
 
 @dataclass
@@ -53,6 +58,10 @@ class Imatrix:
     chunk_size: int = 0
     legacy: bool = False  # read from a .dat file: in_sum2 holds mean·ncall, counts the ncall
     has_metadata: bool = True  # a GGUF file had datasets, chunk_count and chunk_size (upstream requires them)
+    # measured with exactly these sums (a merge drops them): {group: KLD of its probe}, how, and on what text
+    sensitivities: dict[str, float] = field(default_factory=dict)
+    sensitivity_method: str = ""
+    sensitivity_source: str = ""
 
     @property
     def has_sketch(self) -> bool:
@@ -132,7 +141,9 @@ class Imatrix:
             _save_gguf(self, tmp) if fmt == "gguf" else _save_dat(self, tmp)
 
     def copy(self) -> Imatrix:
-        out = Imatrix({}, list(self.datasets), self.chunk_count, self.chunk_size, self.legacy)
+        out = Imatrix({}, list(self.datasets), self.chunk_count, self.chunk_size, self.legacy,
+                      sensitivities=dict(self.sensitivities), sensitivity_method=self.sensitivity_method,
+                      sensitivity_source=self.sensitivity_source)
         for name, e in self.entries.items():
             out.entries[name] = ImatrixEntry(e.in_sum2.copy(), e.counts.copy(),
                                              None if e.in_sum is None else e.in_sum.copy(),
@@ -167,6 +178,8 @@ class Imatrix:
         """
         chunk = self.chunk_size or next((o.chunk_size for o in others if o.chunk_size), 0)
         out = self.to_raw(chunk) if self.legacy else self.copy()
+        if others:
+            out.sensitivities, out.sensitivity_method, out.sensitivity_source = {}, "", ""
         for other in others:
             if other.legacy:
                 other = other.to_raw(out.chunk_size or chunk)
@@ -225,6 +238,15 @@ def _load_gguf(path: Path) -> Imatrix:
         im.chunk_count = int(reader.fields[KEY_CHUNK_COUNT].contents())
     if KEY_CHUNK_SIZE in reader.fields:
         im.chunk_size = int(reader.fields[KEY_CHUNK_SIZE].contents())
+    if all(k in reader.fields for k in (KEY_SENS_METHOD, KEY_SENS_GROUPS, KEY_SENS_KLD)):
+        groups = [str(g) for g in reader.fields[KEY_SENS_GROUPS].contents()]
+        klds = [float(x) for x in reader.fields[KEY_SENS_KLD].contents()]
+        if len(groups) != len(klds):
+            raise LlqxError(f"imatrix {path}: {KEY_SENS_GROUPS} and {KEY_SENS_KLD} differ in length")
+        im.sensitivities = dict(zip(groups, klds, strict=True))
+        im.sensitivity_method = str(reader.fields[KEY_SENS_METHOD].contents())
+        if KEY_SENS_SOURCE in reader.fields:
+            im.sensitivity_source = str(reader.fields[KEY_SENS_SOURCE].contents())
     parts: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
@@ -285,7 +307,7 @@ def _load_dat(path: Path) -> Imatrix:
 
 
 _GGUF_ALIGN = 32
-_GGUF_U32, _GGUF_STRING, _GGUF_ARRAY, _GGML_F32 = 4, 8, 9, 0
+_GGUF_U32, _GGUF_STRING, _GGUF_ARRAY, _GGUF_F64, _GGML_F32 = 4, 8, 9, 12, 0
 
 
 def _gguf_str(text: str) -> bytes:
@@ -315,6 +337,17 @@ def _save_gguf(im: Imatrix, path: Path) -> None:
         kv += _gguf_str(ds)
     kv += _gguf_str(KEY_CHUNK_COUNT) + struct.pack("<II", _GGUF_U32, int(im.chunk_count))
     kv += _gguf_str(KEY_CHUNK_SIZE) + struct.pack("<II", _GGUF_U32, int(im.chunk_size))
+    n_kv = 4
+    if im.sensitivities:
+        groups = sorted(im.sensitivities)
+        kv += _gguf_str(KEY_SENS_METHOD) + struct.pack("<I", _GGUF_STRING) + _gguf_str(im.sensitivity_method)
+        kv += _gguf_str(KEY_SENS_SOURCE) + struct.pack("<I", _GGUF_STRING) + _gguf_str(im.sensitivity_source)
+        kv += _gguf_str(KEY_SENS_GROUPS) + struct.pack("<IIQ", _GGUF_ARRAY, _GGUF_STRING, len(groups))
+        for g in groups:
+            kv += _gguf_str(g)
+        kv += _gguf_str(KEY_SENS_KLD) + struct.pack("<IIQ", _GGUF_ARRAY, _GGUF_F64, len(groups))
+        kv += struct.pack(f"<{len(groups)}d", *(im.sensitivities[g] for g in groups))
+        n_kv += 4
 
     info = bytearray()
     offset = 0
@@ -327,7 +360,7 @@ def _save_gguf(im: Imatrix, path: Path) -> None:
         offset += -(-arr.nbytes // _GGUF_ALIGN) * _GGUF_ALIGN
 
     with path.open("wb") as f:
-        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 4))
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), n_kv))
         f.write(kv)
         f.write(info)
         f.write(b"\0" * (-f.tell() % _GGUF_ALIGN))

@@ -9,7 +9,7 @@ from functools import cache
 
 from . import _core
 from .errors import LlqxError
-from .model import TensorInfo
+from .model import ModelInfo, TensorInfo
 from .types import ggml_type, ggml_types
 
 # the types llqx scores (docs/method.md, candidates); the 16-bit one is F16, or BF16 for a BF16 source
@@ -111,6 +111,11 @@ def tensor_is_quantizable(name: str, n_dims: int, arch: str) -> bool:
     if name in ("position_embd.weight", "token_types.weight"):
         return False
     return not (arch == "glm5-next" and any(s in name for s in _KEEP_GLM5_NEXT))
+
+
+def quantizable_tensors(info: ModelInfo) -> list[TensorInfo]:
+    """The tensors llama_model_quantize would quantize, in file order."""
+    return [t for t in info.tensors if tensor_is_quantizable(t.name, len(t.shape), info.architecture)]
 
 
 def fallback_type(type_id: int, ne0: int) -> int:

@@ -26,7 +26,7 @@ from .errors import LlqxError
 from .estimator import combine_experts, expert_weights, local_error_divisors, output_weights
 from .imatrix import Imatrix
 from .imatrix_select import check_imatrix_fits, select_imatrix
-from .llama_rules import shape3, tensor_candidates, tensor_is_quantizable, tensor_nbytes
+from .llama_rules import quantizable_tensors, shape3, tensor_candidates, tensor_nbytes
 from .metadata import imatrix_kv_overrides, meta_size
 from .model import ModelInfo, TensorInfo, inspect
 from .planner import Scores, TensorCurve
@@ -154,8 +154,7 @@ def score(
         im, label = Imatrix.load(imatrix), imatrix_label or os.fspath(imatrix)
     if im is not None:
         check_imatrix_fits(im, info, label or "")
-    arch = info.architecture
-    quantizable = [t for t in info.tensors if tensor_is_quantizable(t.name, len(t.shape), arch)]
+    quantizable = quantizable_tensors(info)
     for t in quantizable:
         if t.n_per_row % ggml_type(t.type).block_size != 0:
             raise LlqxError(f"cannot read {t.name}")

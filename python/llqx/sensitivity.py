@@ -23,15 +23,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from .errors import LlqxError
 from .imatrix import Imatrix
 from .llama_rules import fallback_type
+from .model import ModelInfo
 from .planner import Scores
-from .probe import Calibration, measure_mixes
+from .probe import Calibration, check_full_precision, measure_mixes
 from .types import ggml_type
 
 log = logging.getLogger("llqx")
@@ -70,54 +70,89 @@ class GroupSensitivity:
                 "local_error": self.local_error, "factor": self.factor}
 
 
-def probe_types(scores: Scores) -> dict[str, int]:
+def method_key() -> str:
+    """What a stored probe's KL divergence means (the probe type, the grouping); measurements of another
+    method are not used."""
+    return f"v{SENSITIVITY_VERSION}:{PROBE_TYPE}:{BANDS}"
+
+
+def probe_types(info: ModelInfo, names: list[str]) -> dict[str, int]:
     """The probe type each tensor gets (PROBE_TYPE after llama.cpp's width fallback)."""
     want = ggml_type(PROBE_TYPE).id
-    return {n: fallback_type(want, scores.model.tensor(n).n_per_row) for n in scores.candidates}
+    return {n: fallback_type(want, info.tensor(n).n_per_row) for n in names}
 
 
-def _groups(scores: Scores) -> dict[str, list[str]]:
-    n_layer = scores.model.metadata.get(f"{scores.model.architecture}.block_count")
+def probe_groups(info: ModelInfo, names: list[str]) -> dict[str, list[str]]:
+    n_layer = info.metadata.get(f"{info.architecture}.block_count")
     n = n_layer if isinstance(n_layer, int) else 0
     out: dict[str, list[str]] = {}
-    for name in scores.candidates:
+    for name in names:
         out.setdefault(tensor_group(name, n), []).append(name)
     return dict(sorted(out.items()))
 
 
 def probe_key(cal: Calibration) -> str:
     """What the stored measurements depend on besides the state's own key (model, imatrix, scoring)."""
-    src = f"v{SENSITIVITY_VERSION}:{PROBE_TYPE}:{BANDS}:{cal.key}"
+    src = f"{method_key()}:{cal.key}"
     return hashlib.sha256(src.encode()).hexdigest()[:24]
+
+
+def measure_groups(
+    info: ModelInfo,
+    names: list[str],
+    imatrix: Imatrix | None,
+    cal: Calibration,
+    skip: Collection[str] = (),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """The KL divergence of each group's probe (all of ``names``' groups but those in ``skip``): one forward
+    pass over the calibration chunks per group. Needs no scores, so the imatrix pass can run it."""
+    check_full_precision(info, names)
+    types = probe_types(info, names)
+    groups = {g: ns for g, ns in probe_groups(info, names).items() if g not in skip}
+    if not groups:
+        return {}
+    mixes = [[(n, types[n]) for n in ns] for ns in groups.values()]
+    return dict(zip(groups, measure_mixes(info.path, mixes, imatrix, cal, on_progress), strict=True))
+
+
+def stored_in(imatrix: Imatrix | None) -> dict[str, float] | None:
+    """The sensitivities the imatrix pass measured (llqx imatrix --sensitivity-chunks), if usable."""
+    if imatrix is None or not imatrix.sensitivities:
+        return None
+    if imatrix.sensitivity_method != method_key():
+        log.warning("the imatrix's sensitivities were measured another way (%s, this llqx uses %s): not used",
+                    imatrix.sensitivity_method, method_key())
+        return None
+    return imatrix.sensitivities
 
 
 def measure(
     scores: Scores,
-    model: str | Path,
     imatrix: Imatrix | None,
-    cal: Calibration,
+    cal: Calibration | None,
     stored: dict[str, float] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[GroupSensitivity]:
-    """Probe every group (those in ``stored``, {group: kld}, are not run again) and fit its factor.
+    """Probe every group (those in ``stored``, {group: kld}, are not run again; without calibration text
+    nothing runs) and fit its factor.
 
     The probe types must be scored (their local error is the denominator). A group whose probe moves
-    nothing measurable (KLD or local error 0) takes the median factor of the others.
+    nothing measurable (KLD or local error 0), or that was not measured, takes the median factor of the
+    others.
     """
-    types = probe_types(scores)
-    groups = _groups(scores)
+    names = list(scores.candidates)
+    types = probe_types(scores.model, names)
+    groups = probe_groups(scores.model, names)
     scores.ensure_scored({n: [types[n]] for n in types})
-    todo = [g for g in groups if stored is None or g not in stored]
     klds = dict(stored or {})
-    if todo:
-        mixes = [[(n, types[n]) for n in groups[g]] for g in todo]
-        for g, kld in zip(todo, measure_mixes(model, mixes, imatrix, cal, on_progress), strict=True):
-            klds[g] = kld
+    if cal is not None:
+        klds.update(measure_groups(scores.model, names, imatrix, cal, klds, on_progress))
     out: list[GroupSensitivity] = []
-    for g, names in groups.items():
-        local = sum(scores.error_of(n, types[n]) * scores.local_scale(n) for n in names)
-        kld = klds[g]
-        out.append(GroupSensitivity(g, names, kld, local, kld / local if kld > 0 and local > 0 else 0.0))
+    for g, ns in groups.items():
+        local = sum(scores.error_of(n, types[n]) * scores.local_scale(n) for n in ns)
+        kld = klds.get(g, 0.0)
+        out.append(GroupSensitivity(g, ns, kld, local, kld / local if kld > 0 and local > 0 else 0.0))
     valid = sorted(s.factor for s in out if s.factor > 0)
     if not valid:
         raise LlqxError("the calibration probes measured no KL divergence: is the calibration text empty?")
@@ -134,17 +169,24 @@ def multipliers(scores: Scores, sens: list[GroupSensitivity]) -> dict[str, float
 def calibrate(
     scores: Scores,
     imatrix: Imatrix | None,
-    cal: Calibration,
+    cal: Calibration | None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[GroupSensitivity]:
-    """Measure (or take from the state file) every group's sensitivity and plan with it from now on."""
-    if scores.imatrix_label is None:
-        raise LlqxError("measured sensitivities need an imatrix (the probes quantize as the writer will)")
-    key = probe_key(cal)
-    stored = scores.state.probes.get(key) if scores.state is not None else None
-    sens = measure(scores, scores.model.path, imatrix, cal, stored, on_progress)
-    if scores.state is not None:
-        scores.state.probes[key] = {s.group: s.kld for s in sens}
-        scores.state.save()
+    """Plan with measured sensitivities from now on: measured on ``cal`` (or taken from the state file),
+    else those the imatrix file carries; with neither, nothing changes (an empty list)."""
+    if cal is None:
+        stored = stored_in(imatrix)
+        if stored is None:
+            return []
+        sens = measure(scores, imatrix, None, stored)
+    else:
+        if scores.imatrix_label is None:
+            raise LlqxError("measured sensitivities need an imatrix (the probes quantize as the writer will)")
+        key = probe_key(cal)
+        stored = scores.state.probes.get(key) if scores.state is not None else None
+        sens = measure(scores, imatrix, cal, stored, on_progress)
+        if scores.state is not None:
+            scores.state.probes[key] = {s.group: s.kld for s in sens}
+            scores.state.save()
     scores.calibrate(multipliers(scores, sens))
     return sens

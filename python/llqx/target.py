@@ -17,7 +17,7 @@ from . import _core
 from .errors import LlqxError
 from .imatrix import Imatrix
 from .imatrix_select import check_imatrix_fits
-from .llama_rules import tensor_is_quantizable
+from .llama_rules import quantizable_tensors
 from .plan import Plan
 from .planner import Scores
 from .probe import Calibration, check_full_precision
@@ -94,11 +94,7 @@ def prepare(req: QuantizeRequest, im: Imatrix) -> Scores:
     # with no output named, the file goes beside the input (its name comes from the plan's bpw)
     info = check_paths(inp, out if out is not None else inp.with_name(inp.name + ".llqx-probe"))
     if not req.allow_requantize:
-        arch = info.architecture
-        quantized = [
-            t for t in info.tensors
-            if ggml_type(t.type).is_quantized and tensor_is_quantizable(t.name, len(t.shape), arch)
-        ]
+        quantized = [t for t in quantizable_tensors(info) if ggml_type(t.type).is_quantized]
         if quantized:
             raise LlqxError(
                 f"{inp} is already quantized ({quantized[0].name} is {quantized[0].type_name}): requantizing "
@@ -142,13 +138,13 @@ def plan_target(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> TargetResult:
     """Score what is missing (all candidates unless window mode), measure the groups' sensitivities when
-    there is calibration text, plan, --verify; frees grids the mix does not use."""
+    there is calibration text (or take those the imatrix file carries), plan, --verify; frees grids the mix
+    does not use."""
     if req.candidates == "all":
         scores.score_all()
     cal = calibration_of(req)
-    sens: list[GroupSensitivity] = []
-    if cal is not None:
-        sens = calibrate(scores, imatrix, cal, _step(on_progress, "measuring"))
+    # measured on the calibration text, or as the imatrix pass measured them (nothing to run)
+    sens = calibrate(scores, imatrix, cal, _step(on_progress, "measuring"))
     plan = scores.plan(target_bpw=req.target_bpw, target_size=req.target_size, **pins_of(req))
     verdict = None
     if req.verify and cal is not None:

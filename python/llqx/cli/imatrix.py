@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -28,7 +29,11 @@ from ..imatrix_collect import (
 )
 from ..imatrix_select import check_imatrix_fits
 from ..imatrix_stats import layer_stats, stats_json, stats_tables, tensor_stats
+from ..llama_rules import quantizable_tensors
+from ..model import ModelInfo
+from ..probe import Calibration, check_full_precision
 from ..progress import progress_bar
+from ..sensitivity import measure_groups, method_key
 
 logger = logging.getLogger("llqx.imatrix")
 
@@ -67,6 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--sketch-rank", type=int, default=DEFAULT_SKETCH_RANK,
                    help=f"also store a sketch of each dense tensor's input second moments with N columns (e.g. "
                         f"{SKETCH_RANK}), for llqx-quantize --score-sketch (default {DEFAULT_SKETCH_RANK}: none)")
+    p.add_argument("--sensitivity-chunks", type=int, default=0, metavar="N",
+                   help="(llqx) after collecting, measure each tensor group's KL divergence when quantized, on "
+                        "the text's first N chunks, and store it in the file: llqx-quantize --target-bpw then "
+                        "plans with measured sensitivities and no calibration text (one forward pass of N "
+                        "chunks per group; full-precision models; default 0: off)")
     p.add_argument("--parse-special", action="store_true", help="parse special tokens in the text")
     p.add_argument("--no-ppl", action="store_true", help="do not compute perplexity")
     p.add_argument("--show-statistics", action="store_true",
@@ -156,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         check_imatrix_fits(base, info, f"--in-file {', '.join(args.in_files)}", every_entry=True)
 
     threads = args.threads if args.threads and args.threads > 0 else default_threads()
+    cal = _sensitivity_calibration(args, info, text_path, fmt, threads)
     col = ImatrixCollector(model_path, n_ctx=args.ctx, n_batch=args.batch, n_ubatch=args.ubatch,
                            threads=threads, n_gpu_layers=args.ngl, repack=args.repack,
                            process_output=args.process_output, compute_ppl=not args.no_ppl,
@@ -223,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                "tokens_per_s": rate, "ppl": None if math.isnan(result.ppl) else result.ppl,
                "ppl_err": None if math.isnan(result.ppl) else result.ppl_err, "cancelled": result.cancelled,
                "entries": len(final.entries)}
-    if args.json and not args.show_statistics:
+    if result.cancelled and args.json and not args.show_statistics:
         print(json.dumps(summary, indent=1))
     if not math.isnan(result.ppl) and not args.quiet and not args.json:
         console.print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}")
@@ -237,9 +248,62 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         console.print(f"saved {len(final.entries)} entries ({final.chunk_count} chunks) to {out} "
                       f"[{rate:,.1f} tokens/s]", highlight=False)
+    if cal is not None:
+        del col  # frees the collector's model and context before the probes load their writable copy
+        summary["sensitivity_groups"], summary["sensitivity_s"] = _measure_sensitivities(
+            final, info, cal, out, console, show)
+        if summary["sensitivity_groups"] == 0:
+            return 130
+    if args.json and not args.show_statistics:
+        print(json.dumps(summary, indent=1))
     if args.show_statistics:
         _show_statistics(final, str(out), args.json, Console())
     return 0
+
+
+def _sensitivity_calibration(
+    args: argparse.Namespace, info: ModelInfo, text: Path, fmt: str, threads: int
+) -> Calibration | None:
+    """What --sensitivity-chunks measures on (checked before the long collection starts)."""
+    if args.sensitivity_chunks == 0:
+        return None
+    if args.sensitivity_chunks < 0:
+        raise LlqxError(f"--sensitivity-chunks must be a number of chunks, got {args.sensitivity_chunks}")
+    if fmt != "gguf":
+        raise LlqxError("--sensitivity-chunks stores its measurements in GGUF keys: not with --output-format dat")
+    check_full_precision(info, [t.name for t in quantizable_tensors(info)])
+    cal = Calibration(text, chunks=args.sensitivity_chunks, ctx=args.ctx, threads=threads, n_gpu_layers=args.ngl)
+    cal.check()
+    return cal
+
+
+def _measure_sensitivities(
+    im: Imatrix, info: ModelInfo, cal: Calibration, out: Path, console: Console, show: bool
+) -> tuple[int, float]:
+    """Probe every tensor group with the finished imatrix and save the file again with the results; the
+    imatrix is already saved, so Ctrl+C here loses no collected data. Returns (groups, seconds); 0 groups
+    when interrupted."""
+    t0 = time.perf_counter()
+    names = [t.name for t in quantizable_tensors(info)]
+    progress = progress_bar("[bold]sensitivity", "groups", console=console, disable=not show)
+    task = progress.add_task("sensitivity", total=None)
+    try:
+        with progress:
+            # the weights as saved (float32), exactly what the writer will read from the file
+            klds = measure_groups(info, names, Imatrix.load(out), cal,
+                                  on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    except KeyboardInterrupt:
+        console.quiet = False
+        console.print(f"[yellow]interrupted[/] while measuring sensitivities: {out} holds the imatrix without them",
+                      highlight=False)
+        return 0, time.perf_counter() - t0
+    im.sensitivities, im.sensitivity_method = klds, method_key()
+    im.sensitivity_source = f"{cal.text.name} ({cal.chunks}x{cal.ctx} tokens, sha256 {cal.key[:12]})"
+    _save(im, out, "gguf")
+    if show:
+        console.print(f"measured {len(klds)} tensor groups in {time.perf_counter() - t0:.0f} s; saved to {out}",
+                      highlight=False)
+    return len(klds), time.perf_counter() - t0
 
 
 def _merge_inputs(args: argparse.Namespace) -> Imatrix | None:

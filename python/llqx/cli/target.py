@@ -76,11 +76,11 @@ def measuring_progress(console: Any) -> Iterator[Callable[[str, int, int], None]
         yield update
 
 
-def print_sensitivities(sens: list[GroupSensitivity], console: Any) -> None:
+def print_sensitivities(sens: list[GroupSensitivity], source: str, console: Any) -> None:
     """One line per group: what its probe cost in KL divergence against its summed local error."""
     from rich.table import Table
 
-    t = Table(title="measured sensitivity (probe: KLD of the group at the probe type)")
+    t = Table(title=f"measured sensitivity (probe: KLD of the group at the probe type; {source})")
     for col in ("group", "tensors", "KLD", "local error", "factor"):
         t.add_column(col, justify="left" if col == "group" else "right")
     for s in sens:
@@ -114,8 +114,11 @@ def run_target(req: QuantizeRequest) -> int:
     doc: dict[str, Any] = plan.to_dict()
     if result.sensitivities:
         doc["sensitivity"] = [s.to_dict() for s in result.sensitivities]
+        doc["sensitivity_source"] = source = (
+            f"measured on {req.calibration_file}" if req.calibration_file is not None
+            else f"from the imatrix file, measured on {imatrix.sensitivity_source}")
         if console is not None:
-            print_sensitivities(result.sensitivities, console)
+            print_sensitivities(result.sensitivities, source, console)
     if result.verdict is not None:
         doc["verify"] = result.verdict.to_dict()
         if console is not None:
