@@ -250,10 +250,10 @@ def run(args: argparse.Namespace) -> int:
                       f"[{rate:,.1f} tokens/s]", highlight=False)
     if cal is not None:
         del col  # frees the collector's model and context before the probes load their writable copy
-        summary["sensitivity_groups"], summary["sensitivity_s"] = _measure_sensitivities(
-            final, info, cal, out, console, show)
-        if summary["sensitivity_groups"] == 0:
+        seconds = _measure_sensitivities(final, info, cal, out, console, show)
+        if seconds is None:
             return 130
+        summary["sensitivity_groups"], summary["sensitivity_s"] = len(final.sensitivities), seconds
     if args.json and not args.show_statistics:
         print(json.dumps(summary, indent=1))
     if args.show_statistics:
@@ -279,9 +279,9 @@ def _sensitivity_calibration(
 
 def _measure_sensitivities(
     im: Imatrix, info: ModelInfo, cal: Calibration, out: Path, console: Console, show: bool
-) -> tuple[int, float]:
+) -> float | None:
     """Probe every tensor group with the finished imatrix and save the file again with the results; the
-    imatrix is already saved, so Ctrl+C here loses no collected data. Returns (groups, seconds); 0 groups
+    imatrix is already saved, so Ctrl+C here loses no collected data. Returns the seconds taken, None
     when interrupted."""
     t0 = time.perf_counter()
     names = [t.name for t in quantizable_tensors(info)]
@@ -296,14 +296,14 @@ def _measure_sensitivities(
         console.quiet = False
         console.print(f"[yellow]interrupted[/] while measuring sensitivities: {out} holds the imatrix without them",
                       highlight=False)
-        return 0, time.perf_counter() - t0
+        return None
     im.sensitivities, im.sensitivity_method = klds, method_key()
     im.sensitivity_source = f"{cal.text.name} ({cal.chunks}x{cal.ctx} tokens, sha256 {cal.key[:12]})"
     _save(im, out, "gguf")
+    seconds = time.perf_counter() - t0
     if show:
-        console.print(f"measured {len(klds)} tensor groups in {time.perf_counter() - t0:.0f} s; saved to {out}",
-                      highlight=False)
-    return len(klds), time.perf_counter() - t0
+        console.print(f"measured {len(klds)} tensor groups in {seconds:.0f} s; saved to {out}", highlight=False)
+    return seconds
 
 
 def _merge_inputs(args: argparse.Namespace) -> Imatrix | None:
