@@ -21,6 +21,10 @@ struct llqx_imatrix_params {
     int32_t     sketch_rank    = 0;     // columns of each dense tensor's second-moment sketch (llqx_sketch.h); 0: none
 };
 
+// the block widths whose per-row maxima are summed: those of the 8-bit activation types ggml's CPU dot products
+// round a matrix multiplication's input to (Q8_0/Q8_1: 32 values, Q8_K: 256), each block with scale max |x| / 127
+static const int64_t LLQX_IMATRIX_MAX_BLOCKS[2] = { 32, 256 };
+
 // raw sums of one weight tensor: arrays n_expert x n_per_row (row-major) and n_expert counts
 struct llqx_imatrix_sums {
     std::string          name;
@@ -29,6 +33,9 @@ struct llqx_imatrix_sums {
     std::vector<float>   in_sum2; // float, accumulated like llama-imatrix (bit-identical to its file)
     std::vector<double>  in_sum;
     std::vector<int64_t> counts;
+    // n_expert x (n_per_row / LLQX_IMATRIX_MAX_BLOCKS[i]): Σ over rows of (max |x| over each block)²; empty when the
+    // width is not a whole number of blocks
+    std::vector<float>   in_max2[2];
     int32_t              sketch_rank = 0; // rows of in_sketch (0: none)
     std::vector<float>   in_sketch;       // sketch_rank x n_per_row: (Σ x·(Ωᵀx))ᵀ (llqx_sketch.h)
 };

@@ -3,6 +3,7 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -42,6 +43,24 @@ static void imatrix_accumulate(float * GGML_RESTRICT s2, double * GGML_RESTRICT 
     }
 }
 
+// the block maxima of one activation row: per block of each width, (max |x|)² added to m[i]
+static void imatrix_accumulate_max(std::vector<double> * m, int64_t slice, const float * x, int64_t n) {
+    for (int i = 0; i < 2; ++i) {
+        if (m[i].empty()) {
+            continue;
+        }
+        const int64_t bs  = LLQX_IMATRIX_MAX_BLOCKS[i];
+        double *      dst = m[i].data() + slice * (n / bs);
+        for (int64_t b = 0; b < n / bs; ++b) {
+            float amax = 0.0f;
+            for (int64_t k = b * bs; k < (b + 1) * bs; ++k) {
+                amax = std::max(amax, std::fabs(x[k]));
+            }
+            dst[b] += (double) amax * (double) amax;
+        }
+    }
+}
+
 static void imatrix_fail(llqx_imatrix_accum * acc, const std::string & msg) {
     if (!acc->failed.exchange(true)) {
         acc->fail_msg = msg;
@@ -59,6 +78,10 @@ static llqx_imatrix_stats * imatrix_stats_get(llqx_imatrix_accum * acc, const st
         e.in_sum2.assign(n_per_row * n_mat, 0.0f);
         e.in_sum.assign(n_per_row * n_mat, 0.0);
         e.counts.assign(n_counts, 0);
+        for (int i = 0; i < 2; ++i) {
+            const int64_t bs = LLQX_IMATRIX_MAX_BLOCKS[i];
+            e.in_max2[i].assign(n_per_row % bs == 0 ? n_mat * (n_per_row / bs) : 0, 0.0);
+        }
         llqx_sketch_init(e.sketch, n_per_row, n_mat == 1 ? acc->sketch_rank : 0);
     } else if (e.n_per_row != n_per_row || e.n_expert != n_mat) {
         imatrix_fail(acc, "inconsistent size for " + wname);
@@ -119,6 +142,7 @@ static bool imatrix_collect_mul_mat_id(llqx_imatrix_accum * acc, const ggml_tens
             const int64_t i11 = idx % src1->ne[1];
             const float * x   = (const float *) (data + i11 * src1->nb[1] + row * src1->nb[2]);
             imatrix_accumulate(e.in_sum2.data() + ex * ne0, e.in_sum.data() + ex * ne0, x, ne0);
+            imatrix_accumulate_max(e.in_max2, ex, x, ne0);
             e.counts[ex]++;
             touched[ex] = 1;
         }
@@ -155,7 +179,9 @@ static bool imatrix_collect_mul_mat(llqx_imatrix_accum * acc, const ggml_tensor 
             double * s1 = e.in_sum.data()  + mat_id * ne0;
             const char * rows = data + i2 * src1->nb[2] + i3 * src1->nb[3];
             for (int64_t row = 0; row < src1->ne[1]; ++row) {
-                imatrix_accumulate(s2, s1, (const float *) (rows + row * src1->nb[1]), ne0);
+                const float * x = (const float *) (rows + row * src1->nb[1]);
+                imatrix_accumulate(s2, s1, x, ne0);
+                imatrix_accumulate_max(e.in_max2, mat_id, x, ne0);
             }
             // rows are contiguous F32 (checked by the callback), nb[1] a whole number of floats
             llqx_sketch_add_rows(e.sketch, (const float *) rows, src1->ne[1], (int64_t) (src1->nb[1] / sizeof(float)));
@@ -225,6 +251,9 @@ void llqx_imatrix_accum_entries(const llqx_imatrix_accum & acc, std::vector<llqx
         e.in_sum2   = kv.second.in_sum2;
         e.in_sum    = kv.second.in_sum;
         e.counts    = kv.second.counts;
+        for (int i = 0; i < 2; ++i) {
+            e.in_max2[i].assign(kv.second.in_max2[i].begin(), kv.second.in_max2[i].end());
+        }
         if (kv.second.sketch.p > 0) {
             e.sketch_rank = kv.second.sketch.p;
             llqx_sketch_result(kv.second.sketch, e.in_sketch);

@@ -1,4 +1,5 @@
-// the imatrix collector's sums: Σx², Σx, token counts and the sketch of Σ x xᵀ per weight tensor and expert, filled by
+// the imatrix collector's sums: Σx², Σx, token counts, the block maxima (LLQX_IMATRIX_MAX_BLOCKS) and the sketch of
+// Σ x xᵀ per weight tensor and expert, filled by
 // llama.cpp's graph eval callback; knows nothing of the model, context or chunks (llqx_imatrix.cpp)
 #pragma once
 
@@ -19,6 +20,7 @@ struct llqx_imatrix_stats {
     std::vector<float>   in_sum2; // float, summed in llama-imatrix's order: bit-identical to its file
     std::vector<double>  in_sum;  // double: a sum with cancellation
     std::vector<int64_t> counts;
+    std::vector<double>  in_max2[2]; // per block of LLQX_IMATRIX_MAX_BLOCKS[i] columns: Σ (max |x| over the block)²
     llqx_sketch          sketch;  // dense tensors only: Σ x xᵀ beyond its diagonal
 };
 

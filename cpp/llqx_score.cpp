@@ -71,6 +71,7 @@ struct score_tensor {
     bool                     loaded = false;
     std::vector<float>       data;         // sampled rows as F32
     std::vector<double>      slice_energy; // per expert slice: expected squared output of all its rows
+    std::vector<double>      slice_noise;  // n_noise * ne2: expected squared output of each input noise
     std::vector<double>      row_num;      // n_cand * rows.size(): expected squared output error
     int64_t                  remaining = 0;
 };
@@ -121,6 +122,10 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         if ((!j.weights.empty() && j.weights.size() != nw) || (!j.diagonal.empty() && j.diagonal.size() != nw) ||
             j.n_dir < 0 || j.directions.size() != nw * (size_t) j.n_dir) {
             err = { LLQX_STATUS_INPUT, "importance data of " + j.name + " does not match its shape" };
+            return -1;
+        }
+        if (j.n_noise < 0 || j.noise.size() != nw * (size_t) j.n_noise) {
+            err = { LLQX_STATUS_INPUT, "input noise of " + j.name + " does not match its shape" };
             return -1;
         }
         for (int32_t t : j.candidates) {
@@ -221,7 +226,8 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         const size_t ne2 = (size_t) j.ne[2];
         // per candidate and expert slice: the slice's summed squared output error, estimated from the
         // sampled rows, each standing for its share of the slice; then per slice its exact squared output
-        std::vector<double> out((nc + 1) * ne2, 0.0);
+        const size_t nn = (size_t) j.n_noise;
+        std::vector<double> out((nc + 1 + nn) * ne2, 0.0);
         for (size_t e = 0; e < ne2; ++e) {
             const int64_t a = st.expert_first[e];
             const int64_t b = st.expert_first[e + 1];
@@ -233,6 +239,9 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
                 out[c * ne2 + e] = sum;
             }
             out[nc * ne2 + e] = st.slice_energy[e];
+            for (size_t i = 0; i < nn; ++i) {
+                out[(nc + 1 + i) * ne2 + e] = st.slice_noise[i * ne2 + e];
+            }
         }
         st.data.clear();
         st.data.shrink_to_fit();
@@ -267,6 +276,7 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         st.rows.assign((size_t) st.expert_first.back(), 0);
         st.row_scale.assign(st.rows.size(), 0.0);
         st.slice_energy.assign((size_t) j.ne[2], 0.0);
+        st.slice_noise.assign((size_t) j.n_noise * (size_t) j.ne[2], 0.0);
         std::vector<float>   xr((size_t) ne0);
         std::vector<double>  energy((size_t) j.ne[1]);
         std::vector<int64_t> rows;
@@ -279,6 +289,10 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
                 read_row(e * j.ne[1] + r, xr.data());
                 energy[(size_t) r] = score_quadratic(xr.data(), v, a, j.n_dir, ne0);
                 slice += energy[(size_t) r];
+                for (int32_t i = 0; i < j.n_noise; ++i) {
+                    const float * nv = j.noise.data() + ((size_t) i * (size_t) j.ne[2] + (size_t) e) * (size_t) ne0;
+                    st.slice_noise[(size_t) i * (size_t) j.ne[2] + (size_t) e] += score_quadratic(xr.data(), nv, nullptr, 0, ne0);
+                }
             }
             st.slice_energy[(size_t) e] = slice;
             const int64_t first = st.expert_first[(size_t) e];

@@ -20,6 +20,10 @@ struct llqx_score_job {
     std::vector<float>   diagonal;     // ne[2] * ne[0], or empty: the importance values
     std::vector<float>   directions;   // ne[2] * n_dir * ne[0] (e.g. the mean activation, n_dir = 1), or empty
     int32_t              n_dir = 0;
+    // per-column variances of noise added to the input (e.g. the 8-bit rounding of activations a kind of dot
+    // product makes): n_noise * ne[2] * ne[0]; each gets the expected squared output it causes (errors below)
+    std::vector<float>   noise;
+    int32_t              n_noise = 0;
     int64_t              sample_elements = 0; // elements to sample (over all experts); 0: the run's default
 };
 
@@ -31,10 +35,11 @@ struct llqx_score_params {
 
 // the expected squared output of a row of error (or weight) d: dᵀ·(diag(diagonal) + Σ dir dirᵀ)·d
 // called (serialized, from any thread) when one job's curve is complete. errors holds
-// (n_candidates + 1) * n_expert values: errors[c * n_expert + e] is the summed expected squared output
+// (n_candidates + 1 + n_noise) * n_expert values: errors[c * n_expert + e] is the summed expected squared output
 // error of expert slice e under candidates[c] (estimated from the sampled rows, each weighted by the inverse
 // of its inclusion probability), errors[n_candidates * n_expert + e] the slice's summed expected squared
-// output over all its rows (exact). Returning false cancels.
+// output over all its rows (exact), errors[(n_candidates + 1 + i) * n_expert + e] the slice's summed expected
+// squared output of input noise i over all its rows (exact: Σ_rows Σ_k w_k² noise_k). Returning false cancels.
 typedef bool (*llqx_score_done_t)(int32_t job, const double * errors, int32_t n_errors, int64_t n_rows_sampled,
                                   void * user_data);
 

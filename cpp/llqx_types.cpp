@@ -1,5 +1,6 @@
 #include "llqx_types.h"
 
+#include "ggml-cpu.h"
 #include "ggml.h"
 
 #include <cctype>
@@ -104,6 +105,9 @@ bool llqx_type_info_get(int32_t id, llqx_type_info & info) {
     info.can_quantize     = type_can_quantize(type);
     info.requires_imatrix = llqx_tensor_requires_imatrix("", id); // "": neither token_embd nor output
     info.has_grid         = type_has_grid(type);
+    const ggml_type_traits_cpu * cpu = ggml_get_type_traits_cpu(type);
+    const ggml_type dot = cpu != nullptr ? cpu->vec_dot_type : GGML_TYPE_F32;
+    info.act_block        = ggml_is_quantized(dot) ? ggml_blck_size(dot) : 0;
     return true;
 }
 

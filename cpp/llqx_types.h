@@ -17,6 +17,8 @@ struct llqx_type_info {
     bool        can_quantize;     // ggml_quantize_chunk can produce it from F32 rows
     bool        requires_imatrix; // llqx_tensor_requires_imatrix for a tensor other than token_embd/output
     bool        has_grid;         // ggml_quantize_init builds a lookup grid for it (megabytes, seconds)
+    int64_t     act_block;        // ggml's CPU dot product with it rounds the activations to an 8-bit type with
+                                  // blocks of this many values (Q8_0/Q8_1: 32, Q8_K: 256); 0: it keeps them in float
 };
 
 int32_t llqx_type_count(void);

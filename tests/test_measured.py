@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 import llqx
@@ -242,3 +243,53 @@ def test_imatrix_sensitivities_refused_up_front(calib_text: Path, tmp_path: Path
         assert r.returncode == 1
         assert msg in r.stderr.strip().splitlines()[-1]
         assert not out.exists()
+
+
+def eval_kld(base: Path, quant: Path, text: Path) -> float:
+    cmd = [sys.executable, "-m", "llqx.cli", "eval", "-f", str(text), "-c", "256", "--chunks", "4", "-t", "2",
+           "--no-cache", "--json", "-q", str(base), str(quant)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    assert r.returncode == 0, r.stderr
+    return float(json.loads(r.stdout)["quants"][0]["kld_mean"]["value"])
+
+
+def test_the_estimate_prices_the_rounding_of_activations(
+    smollm2_f16: Path, calib_text: Path, eval_text: Path, tmp_path: Path
+) -> None:
+    """ggml's CPU dot products round a quantized tensor's input to 8 bits (Q8_0/Q8_1/Q8_K), which an in-memory
+    probe never does. The imatrix pass stores each block's largest |x|² (bounded by the block's Σx²: at least
+    its mean, at most its sum); with them a calibrated plan at 8.5 bpw (Q8_0, whose weights err little) prices
+    that rounding, and its estimate tracks the written file's held-out KLD, which the weights alone
+    underestimate."""
+    im = tmp_path / "im.gguf"
+    r = imatrix_cli("-m", smollm2_f16, "-f", calib_text, "-c", "256", "--chunks", "4", "-t", "2", "-o", im)
+    assert r.returncode == 0, r.stderr
+    carried = Imatrix.load(im)
+    for e in carried.entries.values():
+        m = e.in_max2[32].astype(np.float64)
+        block = e.in_sum2.astype(np.float64).reshape(e.n_expert, -1, 32)
+        assert np.all(m >= block.mean(axis=2) * (1 - 1e-5))
+        assert np.all(m <= block.sum(axis=2) * (1 + 1e-5))
+    state = tmp_path / "s.state"
+    r = quantize_cli("--imatrix", im, "--target-bpw", "8.5", "--calibration-file", calib_text, "--calibration-chunks",
+                     "1", "--state-file", state, "--json", smollm2_f16, tmp_path / "q8.gguf")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    n_layer = max(int(t["name"].split(".")[1]) for t in doc["tensors"] if t["name"].startswith("blk.")) + 1
+    factor = {g["group"]: g["factor"] for g in doc["sensitivity"]}
+    scored = json.loads(state.read_text())["tensors"]
+    weights_only = 0.0
+    for t in doc["tensors"]:
+        if t["name"] not in scored or t["error"] is None:
+            continue
+        s = scored[t["name"]]
+        writes = t["name"].endswith(("attn_output.weight", "ffn_down.weight"))
+        error = s["errors"][[x.upper() for x in s["types"]].index(t["type"].upper())]
+        rounding = s["rounding"].get(str(ggml_type(t["type"]).act_block), 0.0)
+        f = factor[tensor_group(t["name"], n_layer)] / (1.0 if writes else s["energy"])
+        assert t["error"] == pytest.approx(f * (error + rounding), rel=1e-9)
+        weights_only += f * error
+    assert int(gguf.GGMLQuantizationType.Q8_0) in set(file_types(tmp_path / "q8.gguf").values())
+    measured = eval_kld(smollm2_f16, tmp_path / "q8.gguf", eval_text)
+    assert weights_only < measured / 3
+    assert measured / 2 < doc["error"] < measured * 2

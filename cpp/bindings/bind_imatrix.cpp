@@ -49,7 +49,16 @@ static py::dict imatrix_entries_dict(const llqx_imatrix_collector * col) {
             std::copy(e.in_sketch.begin(), e.in_sketch.end(), sk.mutable_data());
             in_sketch = sk;
         }
-        out[py::str(e.name)] = py::make_tuple(in_sum2, in_sum, counts, in_sketch);
+        py::dict in_max2; // block width -> n_expert x blocks per row
+        for (int i = 0; i < 2; ++i) {
+            if (!e.in_max2[i].empty()) {
+                const py::ssize_t nb = (py::ssize_t) (e.in_max2[i].size() / e.n_expert);
+                py::array_t<float> mx({ ne, nb });
+                std::copy(e.in_max2[i].begin(), e.in_max2[i].end(), mx.mutable_data());
+                in_max2[py::int_(LLQX_IMATRIX_MAX_BLOCKS[i])] = mx;
+            }
+        }
+        out[py::str(e.name)] = py::make_tuple(in_sum2, in_sum, counts, in_sketch, in_max2);
     }
     return out;
 }

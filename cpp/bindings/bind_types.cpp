@@ -15,6 +15,7 @@ static py::dict type_info_dict(const llqx_type_info & t) {
     d["can_quantize"]     = t.can_quantize;
     d["requires_imatrix"] = t.requires_imatrix;
     d["has_grid"]         = t.has_grid;
+    d["act_block"]        = t.act_block;
     return d;
 }
 

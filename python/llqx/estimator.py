@@ -24,11 +24,12 @@ def expert_weights(im: Imatrix | None, name: str, n_expert: int) -> np.ndarray:
     return np.full(n_expert, 1.0 / n_expert)
 
 
-def combine_experts(values: np.ndarray, n_cand: int, weights: np.ndarray) -> tuple[list[float], float]:
-    """The scorer's per-slice sums (see llqx_score.h) as one expected error per candidate, and energy."""
-    v = np.asarray(values, dtype=np.float64).reshape(n_cand + 1, weights.size)
+def combine_experts(values: np.ndarray, n_cand: int, weights: np.ndarray) -> tuple[list[float], float, list[float]]:
+    """The scorer's per-slice sums (see llqx_score.h) as one expected error per candidate, the energy, and
+    one expected error per input noise that followed them."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1, weights.size)
     per = v @ weights
-    return [float(x) for x in per[:n_cand]], float(per[n_cand])
+    return [float(x) for x in per[:n_cand]], float(per[n_cand]), [float(x) for x in per[n_cand + 1:]]
 
 
 _LAYER_TENSOR = re.compile(r"^(blk\.(\d+)\.)(attn|ffn)_(\w+?)\.weight$")

@@ -3,8 +3,10 @@
 Per weight tensor and per MoE expert the record holds raw sums over routed token rows:
 ``in_sum2`` = Σx², ``in_sum`` = Σx and ``counts``; for a dense tensor also ``in_sketch``, a sketch of
 Σ x xᵀ beyond its diagonal (Σ x·(Ωᵀx) for a fixed ±1 test matrix Ω, cpp/llqx_sketch.h). ``in_sum`` and
-``in_sketch`` are llqx's extensions (None in upstream files, which llama.cpp reads as its own), as are the
-``llqx.sensitivity.*`` keys: each tensor group's KL divergence measured after collecting (llqx.sensitivity).
+``in_sketch`` are llqx's extensions (None in upstream files, which llama.cpp reads as its own), as are
+``in_max2`` (per block of 32 or 256 columns, Σ over rows of the block's largest |x|², what prices the 8-bit
+rounding of activations in ggml's CPU dot products) and the ``llqx.sensitivity.*`` keys: each tensor
+group's KL divergence measured after collecting (llqx.sensitivity).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import LlqxError
+from .imatrix_dat import DatFile, read_dat, write_dat
 from .imatrix_sketch import SKETCH_DIRECTIONS, merge_sketches, sketch_second_moments
 
 KEY_DATASETS = "imatrix.datasets"
@@ -38,6 +41,8 @@ class ImatrixEntry:
     in_sum: np.ndarray | None = None
     # dense tensors: (p, n_per_row), row i = Σ x·(ω_iᵀx), a raw sum like the others (cpp/llqx_sketch.h)
     in_sketch: np.ndarray | None = None
+    # block width (32, 256) -> (n_expert, n_per_row // width): Σ over rows of (max |x| over the block)²
+    in_max2: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_expert(self) -> int:
@@ -115,6 +120,20 @@ class Imatrix:
             return None
         return sketch_second_moments(e.in_sketch, count, self.values(name), n_dir)
 
+    def rounding_noise(self, name: str, block: int) -> np.ndarray | None:
+        """Per expert and column, float32 (n_expert, n_per_row): the variance of the error an 8-bit rounding
+        of the input in blocks of ``block`` values adds. The step is max |x| / 127, so a value spanning steps
+        errs by step² / 12; one under half a step (beside a block's massive activation) rounds to 0 and errs
+        by itself, hence the smaller of E[step²] / 12 and E[x²]. None without the block maxima (upstream files)."""
+        e = self.entries[name]
+        m = e.in_max2.get(block)
+        if m is None:
+            return None
+        counts = np.rint(e.counts).astype(np.float64).reshape(-1, 1)
+        mean = np.divide(m, counts, out=np.zeros(m.shape), where=counts > 0)
+        step = np.repeat(mean / (12.0 * 127.0**2), block, axis=1)
+        return np.minimum(step, self.values(name)).astype(np.float32)
+
     def quantize_weights(self) -> dict[str, np.ndarray]:
         """The flat per-tensor weights llama_model_quantize takes (experts concatenated)."""
         return {name: self.values(name).reshape(-1) for name in self.entries}
@@ -147,7 +166,8 @@ class Imatrix:
         for name, e in self.entries.items():
             out.entries[name] = ImatrixEntry(e.in_sum2.copy(), e.counts.copy(),
                                              None if e.in_sum is None else e.in_sum.copy(),
-                                             None if e.in_sketch is None else e.in_sketch.copy())
+                                             None if e.in_sketch is None else e.in_sketch.copy(),
+                                             {b: m.copy() for b, m in e.in_max2.items()})
         return out
 
     def to_raw(self, chunk_size: int) -> Imatrix:
@@ -165,6 +185,7 @@ class Imatrix:
             e.counts = np.full(e.n_expert, float(e.counts[0]) * chunk_size)
             e.in_sum = None
             e.in_sketch = None
+            e.in_max2 = {}
         out.legacy = False
         out.chunk_size = chunk_size
         return out
@@ -173,8 +194,8 @@ class Imatrix:
         """Sum the raw statistics of several runs over the same model (weighted by their counts).
 
         Legacy .dat records are turned into raw sums with this record's chunk size (llama-imatrix's rule).
-        ``in_sum`` and ``in_sketch`` survive only where every part has them (sketches of the same size add up:
-        their test matrix is fixed).
+        ``in_sum``, ``in_sketch`` and ``in_max2`` survive only where every part has them (sketches of the same
+        size add up: their test matrix is fixed).
         """
         chunk = self.chunk_size or next((o.chunk_size for o in others if o.chunk_size), 0)
         out = self.to_raw(chunk) if self.legacy else self.copy()
@@ -192,7 +213,8 @@ class Imatrix:
                 if mine is None:
                     in_sum = None if e.in_sum is None else e.in_sum.astype(np.float64)
                     out.entries[name] = ImatrixEntry(e.in_sum2.astype(np.float64),
-                                                     e.counts.astype(np.float64), in_sum, e.in_sketch)
+                                                     e.counts.astype(np.float64), in_sum, e.in_sketch,
+                                                     {b: m.astype(np.float64) for b, m in e.in_max2.items()})
                     continue
                 if mine.n_expert == 1 and e.n_expert > 1 and mine.n_per_row == e.n_per_row:
                     # an old file with one count for all experts: broadcast it (llama-imatrix does the same)
@@ -200,6 +222,7 @@ class Imatrix:
                     mine.counts = np.repeat(mine.counts, e.n_expert)
                     mine.in_sum = None if mine.in_sum is None else np.repeat(mine.in_sum, e.n_expert, axis=0)
                     mine.in_sketch = None
+                    mine.in_max2 = {}
                 if mine.in_sum2.shape != e.in_sum2.shape:
                     raise LlqxError(f"imatrix shapes differ for {name}: "
                                     f"{mine.in_sum2.shape} vs {e.in_sum2.shape}")
@@ -210,6 +233,8 @@ class Imatrix:
                 else:
                     mine.in_sum = None
                 mine.in_sketch = merge_sketches(mine.in_sketch, e.in_sketch)
+                mine.in_max2 = {b: mine.in_max2[b].astype(np.float64) + m for b, m in e.in_max2.items()
+                                if b in mine.in_max2 and mine.in_max2[b].shape == m.shape}
             # names only in `out` keep their sums: their in_sum stays valid (the other run did not see them)
         out.chunk_count = out.chunks_from_counts()
         return out
@@ -250,7 +275,7 @@ def _load_gguf(path: Path) -> Imatrix:
     parts: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
-        if suffix not in ("in_sum2", "in_sum", "counts", "in_sketch"):
+        if suffix not in ("in_sum2", "in_sum", "counts", "in_sketch") and not suffix.startswith(_MAX2):
             continue
         if t.tensor_type != gguf.GGMLQuantizationType.F32:
             raise LlqxError(f"imatrix tensor {t.name} must be F32 in {path}")
@@ -264,45 +289,26 @@ def _load_gguf(path: Path) -> Imatrix:
         sketch = p.get("in_sketch")
         if sketch is not None and (p["in_sum2"].shape[0] != 1 or sketch.shape[1] != p["in_sum2"].shape[1]):
             raise LlqxError(f"imatrix {path}: the sketch of {name} does not match its sums")
-        im.entries[name] = ImatrixEntry(p["in_sum2"], p["counts"].reshape(-1), p.get("in_sum"), sketch)
+        in_max2 = {}
+        for suffix, m in p.items():
+            width = suffix[len(_MAX2):]
+            if suffix.startswith(_MAX2):
+                if not width.isdigit() or int(width) <= 0 or m.shape[0] != p["in_sum2"].shape[0] \
+                        or m.shape[1] * int(width) != p["in_sum2"].shape[1]:
+                    raise LlqxError(f"imatrix {path}: the block maxima {name}.{suffix} do not match its sums")
+                in_max2[int(width)] = m
+        im.entries[name] = ImatrixEntry(p["in_sum2"], p["counts"].reshape(-1), p.get("in_sum"), sketch, in_max2)
     return im
 
 
+_MAX2 = "in_max2_"  # NAME.in_max2_32: the block maxima of blocks of 32 columns
+
+
 def _load_dat(path: Path) -> Imatrix:
-    data = path.read_bytes()
-    pos = 0
-
-    def take(fmt: str) -> tuple[int, ...]:
-        nonlocal pos
-        size = struct.calcsize(fmt)
-        if pos + size > len(data):
-            raise LlqxError(f"not an imatrix file (truncated or unknown format): {path}")
-        out = struct.unpack_from(fmt, data, pos)
-        pos += size
-        return out
-
-    (n_entries,) = take("<i")
-    if n_entries < 1:
-        raise LlqxError(f"not an imatrix file (no entries): {path}")
-    im = Imatrix(legacy=True)
-    for _ in range(n_entries):
-        (length,) = take("<i")
-        if length <= 0 or pos + length > len(data):
-            raise LlqxError(f"not an imatrix file (bad entry name): {path}")
-        name = data[pos:pos + length].decode("utf-8", errors="replace")
-        pos += length
-        ncall, nval = take("<ii")
-        if nval < 1 or pos + 4 * nval > len(data):
-            raise LlqxError(f"not an imatrix file (bad entry size for {name}): {path}")
-        sums = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
-        pos += 4 * nval
-        im.entries[name] = ImatrixEntry(sums.reshape(1, -1), np.array([ncall], dtype=np.float32))
-    if pos + 4 <= len(data):
-        (im.chunk_count,) = take("<i")
-        if pos + 4 <= len(data):
-            (length,) = take("<i")
-            if length > 0 and pos + length <= len(data):
-                im.datasets.append(data[pos:pos + length].decode("utf-8", errors="replace"))
+    dat = read_dat(path)
+    im = Imatrix(legacy=True, chunk_count=dat.chunk_count, datasets=dat.datasets)
+    for name, (values, ncall) in dat.entries.items():
+        im.entries[name] = ImatrixEntry(values.reshape(1, -1), np.array([ncall], dtype=np.float32))
     return im
 
 
@@ -318,7 +324,8 @@ def _gguf_str(text: str) -> bytes:
 def _save_gguf(im: Imatrix, path: Path) -> None:
     """GGUF v3 laid out like llama-imatrix's: general.type, imatrix.* keys, then per tensor (by name)
     NAME.in_sum2 (ne [n_per_row, n_expert]), NAME.counts (ne [1, n_expert]) and, with activations,
-    NAME.in_sum, with a sketch NAME.in_sketch (ne [n_per_row, p]). Written directly (gguf-py cannot write
+    NAME.in_sum, with a sketch NAME.in_sketch (ne [n_per_row, p]), with block maxima NAME.in_max2_W (ne
+    [n_per_row / W, n_expert]). Written directly (gguf-py cannot write
     the empty dataset list upstream allows)."""
     tensors: list[tuple[str, np.ndarray]] = []
     for name in sorted(im.entries):
@@ -329,6 +336,8 @@ def _save_gguf(im: Imatrix, path: Path) -> None:
             tensors.append((name + ".in_sum", np.ascontiguousarray(e.in_sum, dtype="<f4")))
         if e.in_sketch is not None:
             tensors.append((name + ".in_sketch", np.ascontiguousarray(e.in_sketch, dtype="<f4")))
+        for width, m in sorted(e.in_max2.items()):
+            tensors.append((f"{name}.{_MAX2}{width}", np.ascontiguousarray(m, dtype="<f4")))
 
     kv = bytearray()
     kv += _gguf_str("general.type") + struct.pack("<I", _GGUF_STRING) + _gguf_str("imatrix")
@@ -374,29 +383,21 @@ def _save_dat(im: Imatrix, path: Path) -> None:
     names = [n for n in sorted(im.entries) if im.legacy or bool(np.any(im.entries[n].counts > 0))]
     if not names:
         raise LlqxError("no imatrix entry has data: nothing to write")
-    with path.open("wb") as f:
-        f.write(struct.pack("<i", len(names)))
-        for name in names:
-            e = im.entries[name]
-            raw = name.encode("utf-8")
-            if im.legacy:
-                ncall = int(e.counts[0])
-                values = e.in_sum2.reshape(-1).astype(np.float32)
-            else:
-                chunk = max(im.chunk_size, 1)
-                counts = np.rint(e.counts).astype(np.int64)
-                ncall = int((int(counts.max()) + chunk - 1) // chunk)
-                sums = e.in_sum2.astype(np.float32)
-                cnt = counts.astype(np.float32)[:, None] * np.ones_like(sums)
-                zero = cnt == 0
-                sums = np.where(zero, np.float32(1), sums)
-                cnt = np.where(zero, np.float32(1), cnt)
-                values = ((sums / cnt) * np.float32(ncall)).astype(np.float32).reshape(-1)
-            f.write(struct.pack("<i", len(raw)))
-            f.write(raw)
-            f.write(struct.pack("<ii", ncall, values.size))
-            f.write(values.astype("<f4").tobytes())
-        f.write(struct.pack("<i", int(im.chunk_count)))
-        ds = (im.datasets[-1] if im.datasets else "").encode("utf-8")
-        f.write(struct.pack("<i", len(ds)))
-        f.write(ds)
+    dat = DatFile(chunk_count=im.chunk_count, datasets=im.datasets)
+    for name in names:
+        e = im.entries[name]
+        if im.legacy:
+            ncall = int(e.counts[0])
+            values = e.in_sum2.reshape(-1).astype(np.float32)
+        else:
+            chunk = max(im.chunk_size, 1)
+            counts = np.rint(e.counts).astype(np.int64)
+            ncall = int((int(counts.max()) + chunk - 1) // chunk)
+            sums = e.in_sum2.astype(np.float32)
+            cnt = counts.astype(np.float32)[:, None] * np.ones_like(sums)
+            zero = cnt == 0
+            sums = np.where(zero, np.float32(1), sums)
+            cnt = np.where(zero, np.float32(1), cnt)
+            values = ((sums / cnt) * np.float32(ncall)).astype(np.float32).reshape(-1)
+        dat.entries[name] = (values, ncall)
+    write_dat(path, dat)

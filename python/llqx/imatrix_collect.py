@@ -127,8 +127,8 @@ class ImatrixCollector:
 
     def entries(self) -> dict[str, ImatrixEntry]:
         out: dict[str, ImatrixEntry] = {}
-        for name, (in_sum2, in_sum, counts, in_sketch) in self._core.entries().items():
-            out[name] = ImatrixEntry(in_sum2, counts.astype(np.float64), in_sum, in_sketch)
+        for name, (in_sum2, in_sum, counts, in_sketch, in_max2) in self._core.entries().items():
+            out[name] = ImatrixEntry(in_sum2, counts.astype(np.float64), in_sum, in_sketch, dict(in_max2))
         return out
 
     def snapshot(self, dataset: str | None) -> Imatrix:

@@ -47,6 +47,13 @@ class TensorCurve:
     # errors[i] * local_scale is the tensor's local error (estimator.local_error_divisors), the unit measured
     # sensitivities price; 0: none known
     local_scale: float = 0.0
+    # per type, in the same unit: the error the 8-bit rounding of its input in ggml's dot product adds (a
+    # written file has it, an in-memory probe does not); empty: none known
+    rounding: list[float] = field(default_factory=list)
+
+    def total(self, i: int) -> float:
+        """The i-th type's error as a written file has it: the weights' error plus the input's rounding."""
+        return self.errors[i] + (self.rounding[i] if self.rounding else 0.0)
 
 
 class CurveSource(Protocol):
@@ -144,9 +151,9 @@ class Scores:
         return total
 
     def _error(self, c: TensorCurve, i: int) -> float:
-        """A curve's error for its i-th type, in KL divergence once calibrate() set factors."""
+        """A curve's error for its i-th type in a written file, in KL divergence once calibrate() set factors."""
         f = self.factors.get(c.name)
-        return c.errors[i] if f is None else c.errors[i] * f
+        return c.total(i) if f is None else c.total(i) * f
 
     def calibrate(self, factors: dict[str, float]) -> None:
         """Plan with measured sensitivities: every error of a tensor times its factor (see llqx.sensitivity)."""
@@ -157,7 +164,8 @@ class Scores:
         return self.curves[name].local_scale
 
     def error_of(self, name: str, tid: int) -> float:
-        """The estimator's error of one scored (tensor, type), before any calibration factor."""
+        """The estimator's error of one scored (tensor, type)'s weights, before any calibration factor (what an
+        in-memory probe measures: no rounding of activations)."""
         c = self.curves[name]
         return c.errors[c.types.index(tid)]
 

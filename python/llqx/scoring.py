@@ -38,7 +38,7 @@ from .types import ggml_type
 
 log = logging.getLogger("llqx")
 
-SCORING_VERSION = 3
+SCORING_VERSION = 4  # 4: the rounding of activations (TensorScore.rounding)
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
 # every row's energy is read; the largest rows are always in the sample and the rest are evenly spaced
 # (cpp/llqx_score_sample.cpp)
@@ -91,6 +91,20 @@ def error_metric(im: Imatrix | None, t: TensorInfo, sketch: bool = False) -> Err
     return ErrorMetric(w, None, None if a is None else _flat(a), 0 if a is None else 1)
 
 
+def rounding_noise(im: Imatrix | None, t: TensorInfo, candidates: Sequence[int]) -> dict[int, np.ndarray]:
+    """Per block width of 8-bit activations some candidate's dot product rounds the input to
+    (GGMLType.act_block), the variance that rounding adds to each input column, flat float32 per expert;
+    only widths the imatrix has block maxima for."""
+    out: dict[int, np.ndarray] = {}
+    if im is None or t.name not in im.entries:
+        return out
+    for block in sorted({ggml_type(c).act_block for c in candidates} - {0}):
+        v = im.rounding_noise(t.name, block)
+        if v is not None and v.size == t.shape[0] * shape3(t)[2]:
+            out[block] = _flat(v)
+    return out
+
+
 def importance(im: Imatrix | None, t: TensorInfo) -> np.ndarray | None:
     """llama.cpp's importance weights of a tensor (E[x²]), flat float32; None without data."""
     metric = error_metric(im, t)
@@ -108,6 +122,8 @@ def _imatrix_hash(im: Imatrix | None, tensors: Sequence[TensorInfo], sketch: boo
         parts = [(b"w", None), (b"a", None)] if metric is None else [(b"w", metric.weights), (b"a", metric.directions)]
         if metric is not None and metric.diagonal is not None:
             parts.append((b"d", metric.diagonal))
+        if t.name in im.entries:  # the block maxima price the rounding of activations (upstream files: none)
+            parts += [(b"m%d" % b, m) for b, m in sorted(im.entries[t.name].in_max2.items())]
         for tag, x in parts:
             h.update(tag if x is not None else b"-")
             if x is not None:
@@ -225,12 +241,13 @@ class _Scorer:
         if todo:
             _run_scoring(self.info, self.im, [t for t in self.tensors if t.name in todo], todo, self)
 
-    def record(self, name: str, types: list[int], errors: list[float], rows: int, energy: float) -> None:
+    def record(self, name: str, types: list[int], errors: list[float], rows: int, energy: float,
+               rounding: dict[str, float]) -> None:
         names = [ggml_type(x).name for x in types]
         s = self.st.tensors.get(name)
         if s is None:
             s = self.st.tensors[name] = TensorScore([], [], rows, energy)
-        s.merge(names, errors, rows, energy, self.names[name])
+        s.merge(names, errors, rows, energy, self.names[name], rounding)
 
     def curves(self) -> dict[str, TensorCurve]:
         """The scored candidates of every tensor, cheapest first, errors in one unit (output_weights)."""
@@ -242,15 +259,18 @@ class _Scorer:
             s = self.st.tensors.get(t.name)
             types: list[int] = []
             errors: list[float] = []
+            rounding: list[float] = []
             for tid, n in zip(self.cands[t.name], self.names[t.name], strict=True):
                 e = None if s is None else s.error_of(n)
                 if e is not None:
                     types.append(tid)
                     errors.append(e * weights[t.name])
+                    block = str(ggml_type(tid).act_block)
+                    rounding.append(s.rounding.get(block, 0.0) * weights[t.name] if s is not None else 0.0)
             nbytes = [tensor_nbytes(x, t) for x in types]
             w, d = weights.get(t.name, 0.0), divisors.get(t.name, 0.0)
             local = 1.0 / (w * d) if w > 0 and d > 0 else 0.0
-            out[t.name] = TensorCurve(t.name, t.n_elements, types, nbytes, errors, local)
+            out[t.name] = TensorCurve(t.name, t.n_elements, types, nbytes, errors, local, rounding)
         return out
 
 
@@ -265,10 +285,13 @@ def _run_scoring(
     sample_elements = scorer.sample_elements
     jobs = []
     weights_of = []
+    noise_of: list[list[int]] = []  # per job: the block widths of its input noises, in job order
     for t in todo:
         ne0, ne1, ne2 = shape3(t)
         weights_of.append(expert_weights(im, t.name, ne2))
         metric = error_metric(im, t, scorer.sketch)
+        noise = rounding_noise(im, t, types[t.name]) if metric is not None else {}
+        noise_of.append(sorted(noise))
         job: dict[str, object] = {
             "name": t.name,
             "src_type": t.type,
@@ -283,6 +306,9 @@ def _run_scoring(
             if metric.directions is not None:
                 job["directions"] = metric.directions
                 job["n_dir"] = metric.n_dir
+            if noise:
+                job["noise"] = np.concatenate([noise[b] for b in sorted(noise)])
+                job["n_noise"] = len(noise)
         n_sample = (
             sample_elements
             if sample_elements is not None
@@ -306,8 +332,9 @@ def _run_scoring(
 
     def on_done(j: int, values: np.ndarray, rows: int) -> bool:
         t = todo[j]
-        errors, energy = combine_experts(values, len(types[t.name]), weights_of[j])
-        scorer.record(t.name, types[t.name], errors, int(rows), energy)
+        errors, energy, noise = combine_experts(values, len(types[t.name]), weights_of[j])
+        rounding = {str(b): x for b, x in zip(noise_of[j], noise, strict=True)}
+        scorer.record(t.name, types[t.name], errors, int(rows), energy, rounding)
         if bar is not None and task is not None:
             bar.update(task, advance=1, name=t.name)
         now = time.monotonic()

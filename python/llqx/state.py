@@ -31,12 +31,15 @@ STATE_FORMAT = "llqx-state"
 @dataclass
 class TensorScore:
     """One tensor's scored candidates: type names and their expected squared output errors (same order),
-    and the expected squared output itself (``energy``, the same for every type)."""
+    and the expected squared output itself (``energy``, the same for every type). ``rounding``: per block
+    width of 8-bit activations ("32", "256"), the expected squared output error the rounding of the input
+    to them adds (types.GGMLType.act_block: which types' dot products round so); empty without block maxima."""
 
     types: list[str]
     errors: list[float]
     rows: int = 0
     energy: float = 0.0
+    rounding: dict[str, float] = field(default_factory=dict)
 
     def error_of(self, type_name: str) -> float | None:
         try:
@@ -44,7 +47,8 @@ class TensorScore:
         except ValueError:
             return None
 
-    def merge(self, types: list[str], errors: list[float], rows: int, energy: float, order: list[str]) -> None:
+    def merge(self, types: list[str], errors: list[float], rows: int, energy: float, order: list[str],
+              rounding: dict[str, float]) -> None:
         """Add (or replace) the errors of these types; entries are kept in the given candidate order."""
         found = dict(zip(self.types, self.errors, strict=True))
         found.update(zip(types, errors, strict=True))
@@ -54,6 +58,7 @@ class TensorScore:
         self.errors = [found[n] for n in names]
         self.rows = rows
         self.energy = energy
+        self.rounding.update(rounding)
 
 
 @dataclass
@@ -69,7 +74,7 @@ class ScoreState:
             "format": STATE_FORMAT,
             "key": self.key,
             "tensors": {
-                n: {"types": t.types, "errors": t.errors, "rows": t.rows, "energy": t.energy}
+                n: {"types": t.types, "errors": t.errors, "rows": t.rows, "energy": t.energy, "rounding": t.rounding}
                 for n, t in self.tensors.items()
             },
         }
@@ -158,17 +163,18 @@ def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
             errors = [float(x) for x in t["errors"]]
             rows = int(t.get("rows", 0))
             energy = float(t.get("energy", 0.0))
+            rounding = {str(k): float(v) for k, v in t.get("rounding", {}).items()}
         except (KeyError, TypeError, ValueError):
             log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
             continue
         if (
             len(types) != len(errors)
             or len(set(types)) != len(types)
-            or not all(e == e and e >= 0.0 for e in [*errors, energy])
+            or not all(e == e and e >= 0.0 for e in [*errors, energy, *rounding.values()])
         ):
             log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
             continue
-        state.tensors[str(name)] = TensorScore(types, errors, rows, energy)
+        state.tensors[str(name)] = TensorScore(types, errors, rows, energy, rounding)
     _load_probes(doc, state)
     return state
 

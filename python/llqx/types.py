@@ -23,6 +23,9 @@ class GGMLType:
     can_quantize: bool  # ggml_quantize_chunk can write it
     requires_imatrix: bool  # llama.cpp's writer refuses it without an imatrix
     has_grid: bool  # quantizing it first builds a lookup grid (IQ1/IQ2/IQ3: megabytes, seconds)
+    # ggml's CPU dot product with it rounds the activations to 8 bits in blocks of this many values
+    # (Q8_0/Q8_1: 32, Q8_K: 256); 0: they stay in floating point
+    act_block: int
 
     def row_size(self, n_per_row: int) -> int:
         return _core.row_size(self.id, n_per_row)
