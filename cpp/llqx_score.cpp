@@ -279,22 +279,32 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         st.slice_noise.assign((size_t) j.n_noise * (size_t) j.ne[2], 0.0);
         std::vector<float>   xr((size_t) ne0);
         std::vector<double>  energy((size_t) j.ne[1]);
+        std::vector<double>  col2;
         std::vector<int64_t> rows;
         std::vector<double>  scales;
         for (int64_t e = 0; e < j.ne[2]; ++e) {
             const float * v = job_diagonal(j, e);
             const float * a = job_directions(j, e);
             double slice = 0.0;
+            // input noise of variance σ_k per column costs Σ_rows Σ_k w_k² σ_k = Σ_k σ_k · (Σ_rows w_k²)
+            col2.assign(j.n_noise > 0 ? (size_t) ne0 : 0, 0.0);
             for (int64_t r = 0; r < j.ne[1]; ++r) {
                 read_row(e * j.ne[1] + r, xr.data());
                 energy[(size_t) r] = score_quadratic(xr.data(), v, a, j.n_dir, ne0);
                 slice += energy[(size_t) r];
-                for (int32_t i = 0; i < j.n_noise; ++i) {
-                    const float * nv = j.noise.data() + ((size_t) i * (size_t) j.ne[2] + (size_t) e) * (size_t) ne0;
-                    st.slice_noise[(size_t) i * (size_t) j.ne[2] + (size_t) e] += score_quadratic(xr.data(), nv, nullptr, 0, ne0);
+                for (size_t k = 0; k < col2.size(); ++k) {
+                    col2[k] += (double) xr[k] * (double) xr[k];
                 }
             }
             st.slice_energy[(size_t) e] = slice;
+            for (int32_t i = 0; i < j.n_noise; ++i) {
+                const float * nv = j.noise.data() + ((size_t) i * (size_t) j.ne[2] + (size_t) e) * (size_t) ne0;
+                double sum = 0.0;
+                for (int64_t k = 0; k < ne0; ++k) {
+                    sum += (double) nv[k] * col2[(size_t) k];
+                }
+                st.slice_noise[(size_t) i * (size_t) j.ne[2] + (size_t) e] = sum;
+            }
             const int64_t first = st.expert_first[(size_t) e];
             llqx_score_sample_rows(j.name, (int32_t) e, energy, st.expert_first[(size_t) e + 1] - first, rows, scales);
             for (size_t i = 0; i < rows.size(); ++i) {

@@ -229,3 +229,15 @@ def test_requires_imatrix_rule_is_llama_cpps() -> None:
     ggml = (src / "ggml" / "src" / "ggml.c").read_text(encoding="utf-8")
     asserts = body(ggml, "bool ggml_quantize_requires_imatrix(")
     assert set(re.findall(r"type == GGML_TYPE_(\w+)", asserts[: asserts.index(";")])) == _GGML_ASSERTS
+
+
+def test_activation_rounding_blocks_are_ggml_cpus() -> None:
+    """Which 8-bit type ggml's CPU dot product rounds a weight type's input to (its vec_dot_type): Q8_1/Q8_0
+    (blocks of 32) for the legacy quants and IQ4_NL, Q8_K (256) for the K-quants and the other IQ types,
+    none for float weights."""
+    block = {t.name.upper(): t.act_block for t in ggml_types().values()}
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"):
+        assert block[name] == 32, name
+    for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XS", "IQ3_S", "IQ4_XS"):
+        assert block[name] == 256, name
+    assert block["F16"] == block["BF16"] == block["F32"] == 0

@@ -3,6 +3,8 @@ the largest rows always taken, the rest evenly spaced, each row standing for 1 /
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,29 @@ def test_edge_cases() -> None:
     first = _core.score_sample_rows("w", 3, _heavy_tailed(600), 40)
     assert first == _core.score_sample_rows("w", 3, _heavy_tailed(600), 40)  # deterministic by name, expert
     assert first != _core.score_sample_rows("w", 4, _heavy_tailed(600), 40)
+
+
+def test_input_noise_costs_the_weights_column_energy(smollm2_f16: Path) -> None:
+    """The scorer's cost of noise of variance σ_k on input column k (the rounding of activations): exactly
+    Σ_rows Σ_k w_k² σ_k over all rows, against numpy on the tensor's F16 data read by gguf-py."""
+    import gguf
+
+    from llqx.model import inspect
+
+    t = inspect(smollm2_f16).tensor("blk.3.ffn_down.weight")
+    ne0, ne1 = t.shape[0], t.shape[1]
+    noise = np.random.default_rng(0).random((2, ne0), dtype=np.float32)
+    got: list[np.ndarray] = []
+
+    def done(job: int, values: np.ndarray, rows: int) -> bool:
+        got.append(np.asarray(values))
+        return True
+
+    job = {"name": t.name, "src_type": t.type, "ne": [ne0, ne1, 1], "offset": t.offset, "candidates": [8],
+           "noise": noise.reshape(-1), "n_noise": 2}
+    _core.score_run(str(smollm2_f16), [job], nthread=2, sample_elements=1 << 16, min_rows=16, callback=done,
+                    cancel=_core.ScoreCancel())
+    w = next(x for x in gguf.GGUFReader(smollm2_f16).tensors if x.name == t.name).data
+    expected = noise.astype(np.float64) @ (w.astype(np.float64).reshape(ne1, ne0) ** 2).sum(axis=0)
+    assert got[0].shape == (1 + 1 + 2,)  # one candidate, the energy, two noises
+    np.testing.assert_allclose(got[0][2:], expected, rtol=1e-12)
