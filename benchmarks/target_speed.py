@@ -289,6 +289,7 @@ def main() -> int:
     doc = json.loads(args.results.read_text(encoding="utf-8")) if args.results.exists() else {}
     suffix = f"+calibration{args.calibration_chunks}" if args.calibration_chunks else ""
     suffix += f"+imatrix-sensitivities{args.imatrix_sensitivity_chunks}" if args.imatrix_sensitivity_chunks else ""
+    suffix += f"+{args.candidates}" if args.candidates else ""
     doc[row["model"] + suffix] = row
     args.results.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(row, indent=2))

@@ -2,6 +2,7 @@
 #include "llqx_score_sample.h"
 
 #include "ggml.h"
+#include "ggml-cpu.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -19,20 +20,37 @@
 static const int64_t LLQX_SCORE_BLOCK_ELEMENTS = 32 * 1024;
 
 // dᵀ·(diag(v) + Σ_k a_k a_kᵀ)·d for one row d of n values (a weight row as it is, an error row in double),
-// in double: v nullptr counts 1 per column, a holds n_dir rows of n
+// in double: v nullptr counts 1 per column, a holds n_dir rows of n. Each sum runs in four interleaved
+// partial sums, added in a fixed order: four independent chains instead of one (every tensor's whole
+// data passes through here), and the same value whatever the thread count.
 template <typename T>
 static double score_quadratic(const T * d, const float * v, const float * a, int32_t n_dir, int64_t n) {
-    double sum = 0.0;
-    for (int64_t k = 0; k < n; ++k) {
-        sum += (v ? (double) v[k] : 1.0) * (double) d[k] * (double) d[k];
+    const int64_t n4 = n - n % 4;
+    double s[4] = { 0.0, 0.0, 0.0, 0.0 };
+    for (int64_t k = 0; k < n4; k += 4) {
+        for (int64_t l = 0; l < 4; ++l) {
+            const double x = (double) d[k + l];
+            s[l] += (v ? (double) v[k + l] : 1.0) * x * x;
+        }
     }
+    for (int64_t k = n4; k < n; ++k) {
+        const double x = (double) d[k];
+        s[k - n4] += (v ? (double) v[k] : 1.0) * x * x;
+    }
+    double sum = (s[0] + s[1]) + (s[2] + s[3]);
     for (int32_t i = 0; i < n_dir; ++i) {
         const float * ai = a + (size_t) i * (size_t) n;
-        double p = 0.0;
-        for (int64_t k = 0; k < n; ++k) {
-            p += (double) ai[k] * (double) d[k];
+        double p[4] = { 0.0, 0.0, 0.0, 0.0 };
+        for (int64_t k = 0; k < n4; k += 4) {
+            for (int64_t l = 0; l < 4; ++l) {
+                p[l] += (double) ai[k + l] * (double) d[k + l];
+            }
         }
-        sum += p * p;
+        for (int64_t k = n4; k < n; ++k) {
+            p[k - n4] += (double) ai[k] * (double) d[k];
+        }
+        const double pi = (p[0] + p[1]) + (p[2] + p[3]);
+        sum += pi * pi;
     }
     return sum;
 }
@@ -58,9 +76,11 @@ struct score_block {
 
 struct score_item {
     int32_t job;
-    int32_t cand;
+    int32_t cand;  // LLQX_SCORE_LOAD: read the tensor (its energies and sampled rows), no candidate
     int32_t block;
 };
+
+constexpr int32_t LLQX_SCORE_LOAD = -1;
 
 struct score_tensor {
     std::vector<int64_t>     rows;         // sampled rows, global (expert * ne1 + row)
@@ -197,13 +217,24 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             }
             st->expert_first.push_back(first + n_rows);
         }
-        for (int32_t b = 0; b < (int32_t) st->blocks.size(); ++b) {
-            for (int32_t c = 0; c < (int32_t) j.candidates.size(); ++c) {
+        st->remaining = (int64_t) st->blocks.size() * (int64_t) j.candidates.size();
+        tensors[ji] = std::move(st);
+    }
+    // a tensor is read by one thread, so the next tensor's read is queued before this one's candidates:
+    // one thread reads ahead while the others quantize, instead of all of them waiting for the read
+    auto push_load = [&](size_t ji) {
+        if (ji < jobs.size() && tensors[ji]->remaining > 0) {
+            items.push_back({ (int32_t) ji, LLQX_SCORE_LOAD, 0 });
+        }
+    };
+    push_load(0);
+    for (size_t ji = 0; ji < jobs.size(); ++ji) {
+        push_load(ji + 1);
+        for (int32_t b = 0; b < (int32_t) tensors[ji]->blocks.size(); ++b) {
+            for (int32_t c = 0; c < (int32_t) jobs[ji].candidates.size(); ++c) {
                 items.push_back({ (int32_t) ji, c, b });
             }
         }
-        st->remaining = (int64_t) st->blocks.size() * (int64_t) j.candidates.size();
-        tensors[ji] = std::move(st);
     }
 
     // IQ grids once, up front, before any thread needs them
@@ -267,8 +298,14 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         const size_t src_row = ggml_row_size(stype, ne0);
         auto read_row = [&](int64_t global_row, float * dst) {
             const uint8_t * src = base + j.offset + (uint64_t) global_row * src_row;
+            // 16-bit sources through the CPU backend's vectorized conversions (exact, as to_float is):
+            // every tensor's whole data is read here
             if (stype == GGML_TYPE_F32) {
                 std::memcpy(dst, src, sizeof(float) * (size_t) ne0);
+            } else if (stype == GGML_TYPE_F16) {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, dst, ne0);
+            } else if (stype == GGML_TYPE_BF16) {
+                ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) src, dst, ne0);
             } else {
                 ggml_get_type_traits(stype)->to_float(src, dst, ne0);
             }
@@ -338,6 +375,9 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
                     load_tensor(j, st);
                     st.loaded = true;
                 }
+            }
+            if (it.cand == LLQX_SCORE_LOAD) {
+                continue;
             }
             const score_block & blk = st.blocks[(size_t) it.block];
             const ggml_type qt = (ggml_type) j.candidates[(size_t) it.cand];

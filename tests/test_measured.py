@@ -14,8 +14,12 @@ import pytest
 
 import llqx
 from conftest import subprocess_env
-from llqx import Imatrix, data, ggml_type
-from llqx.sensitivity import BANDS, tensor_group
+from llqx import Imatrix, _core, data, ggml_type
+from llqx.cli.target import run_target
+from llqx.llama_rules import quantizable_tensors
+from llqx.request import QuantizeRequest
+from llqx.scoring import score
+from llqx.sensitivity import BANDS, calibrate, tensor_group
 from llqx.verify import nearest_recipe, recipe_mix, recipe_plan
 
 
@@ -188,17 +192,26 @@ def imatrix_cli(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
 
 
+@pytest.fixture(scope="module")
+def carried_imatrix(
+    smollm2_f16: Path, calib_text: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, object]]:
+    """An imatrix made with `llqx imatrix --sensitivity-chunks 1`, and the command's --json summary."""
+    im = tmp_path_factory.mktemp("carried") / "im.gguf"
+    r = imatrix_cli("-m", smollm2_f16, "-f", calib_text, "-c", "512", "--chunks", "2", "-t", "2",
+                    "--sensitivity-chunks", "1", "--json", "-o", im)
+    assert r.returncode == 0, r.stderr
+    return im, json.loads(r.stdout)
+
+
 def test_imatrix_pass_carries_the_sensitivities(
-    smollm2_f16: Path, calib_text: Path, llama_quantize: Path, tmp_path: Path
+    smollm2_f16: Path, calib_text: Path, llama_quantize: Path, tmp_path: Path,
+    carried_imatrix: tuple[Path, dict[str, object]],
 ) -> None:
     """llqx imatrix --sensitivity-chunks 1 stores each group's probe in the file (upstream still reads it);
     a target planned from it measures nothing and equals the target that measures the same chunk itself
     (--calibration-file, same text) on the same sums; a merge, which changes the sums, drops them."""
-    im = tmp_path / "im.gguf"
-    r = imatrix_cli("-m", smollm2_f16, "-f", calib_text, "-c", "512", "--chunks", "2", "-t", "2",
-                    "--sensitivity-chunks", "1", "--json", "-o", im)
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout)
+    im, summary = carried_imatrix
     carried = Imatrix.load(im)
     assert summary["sensitivity_groups"] == len(carried.sensitivities) > 20
     assert all(k > 0 for k in carried.sensitivities.values())
@@ -231,6 +244,38 @@ def test_imatrix_pass_carries_the_sensitivities(
     r = imatrix_cli("--in-file", im, "--in-file", im, "-o", merged)
     assert r.returncode == 0, r.stderr
     assert not Imatrix.load(merged).sensitivities
+
+
+def test_window_reads_each_tensor_once_with_carried_sensitivities(
+    smollm2_f16: Path, carried_imatrix: tuple[Path, dict[str, object]], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--candidates window with the sensitivities an imatrix carries: the probe types are scored with the
+    window's first candidates, so scoring reads every tensor once (it reads each whole), and the plan is
+    the one of scoring them in two passes, probe types first, as the sensitivities ask for them alone."""
+    im, _ = carried_imatrix
+    reads: list[str] = []
+    real = _core.score_run
+
+    def recording(path: str, jobs: list[dict[str, object]], **kw: object) -> object:
+        reads.extend(str(j["name"]) for j in jobs)
+        return real(path, jobs, **kw)
+
+    monkeypatch.setattr(_core, "score_run", recording)
+    req = QuantizeRequest(input=str(smollm2_f16), imatrix=str(im), target_bpw=6.0, candidates="window",
+                          nthread=2, dry_run=True, json=True)
+    assert run_target(req) == 0
+    one_pass = json.loads(capsys.readouterr().out)
+    assert one_pass["sensitivity_source"].startswith("from the imatrix file")
+    n_tensors = len(quantizable_tensors(llqx.inspect(smollm2_f16)))
+    assert len(reads) == len(set(reads)) == n_tensors
+
+    imatrix = Imatrix.load(im)
+    scores = score(smollm2_f16, imatrix, nthread=2, progress=False, candidates="window")
+    calibrate(scores, imatrix, None)  # scores the probe types alone: a first read of every tensor
+    two_passes = scores.plan(target_bpw=6.0)
+    assert len(reads) > 2 * n_tensors - 1
+    assert [t["type"] for t in one_pass["tensors"]] == [t["type"] for t in two_passes.to_dict()["tensors"]]
 
 
 def test_imatrix_sensitivities_refused_up_front(calib_text: Path, tmp_path: Path) -> None:

@@ -254,6 +254,16 @@ class Scores:
 
     # ---- window mode ---------------------------------------------------------------------------
 
+    def score_window(self, target_bpw: float | None = None, target_size: int | None = None, **options: Any) -> None:
+        """Window mode: score now what plan() with these arguments scores first. Scoring reads each
+        tensor whole, so a step that needs other types too (the sensitivities' probe types, which the
+        window holds) finds them scored instead of reading every tensor again."""
+        if self.scorer is None:
+            return
+        b = self._resolve(target_bpw, target_size, **options)
+        allowed = b.allowed()
+        self._score_sets(self._sets(b, allowed, self._window(b, allowed)), b.pins)
+
     def _bpw_of(self, name: str) -> dict[int, float]:
         bpw = self._bpw.get(name)
         if bpw is None:  # asked for every tensor in each step of the window search

@@ -142,6 +142,8 @@ def plan_target(
     does not use."""
     if req.candidates == "all":
         scores.score_all()
+    else:
+        scores.score_window(req.target_bpw, req.target_size, **pins_of(req))
     cal = calibration_of(req)
     # measured on the calibration text, or as the imatrix pass measured them (nothing to run)
     sens = calibrate(scores, imatrix, cal, _step(on_progress, "measuring"))
