@@ -1,8 +1,8 @@
 #include "llqx_score.h"
+#include "llqx_score_row.h"
 #include "llqx_score_sample.h"
 
 #include "ggml.h"
-#include "ggml-cpu.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -18,42 +18,6 @@
 
 // rows of one work item: a block never crosses an expert boundary
 static const int64_t LLQX_SCORE_BLOCK_ELEMENTS = 32 * 1024;
-
-// dᵀ·(diag(v) + Σ_k a_k a_kᵀ)·d for one row d of n values (a weight row as it is, an error row in double),
-// in double: v nullptr counts 1 per column, a holds n_dir rows of n. Each sum runs in four interleaved
-// partial sums, added in a fixed order: four independent chains instead of one (every tensor's whole
-// data passes through here), and the same value whatever the thread count.
-template <typename T>
-static double score_quadratic(const T * d, const float * v, const float * a, int32_t n_dir, int64_t n) {
-    const int64_t n4 = n - n % 4;
-    double s[4] = { 0.0, 0.0, 0.0, 0.0 };
-    for (int64_t k = 0; k < n4; k += 4) {
-        for (int64_t l = 0; l < 4; ++l) {
-            const double x = (double) d[k + l];
-            s[l] += (v ? (double) v[k + l] : 1.0) * x * x;
-        }
-    }
-    for (int64_t k = n4; k < n; ++k) {
-        const double x = (double) d[k];
-        s[k - n4] += (v ? (double) v[k] : 1.0) * x * x;
-    }
-    double sum = (s[0] + s[1]) + (s[2] + s[3]);
-    for (int32_t i = 0; i < n_dir; ++i) {
-        const float * ai = a + (size_t) i * (size_t) n;
-        double p[4] = { 0.0, 0.0, 0.0, 0.0 };
-        for (int64_t k = 0; k < n4; k += 4) {
-            for (int64_t l = 0; l < 4; ++l) {
-                p[l] += (double) ai[k + l] * (double) d[k + l];
-            }
-        }
-        for (int64_t k = n4; k < n; ++k) {
-            p[k - n4] += (double) ai[k] * (double) d[k];
-        }
-        const double pi = (p[0] + p[1]) + (p[2] + p[3]);
-        sum += pi * pi;
-    }
-    return sum;
-}
 
 // the error metric's diagonal of expert slice e (the importance values unless the job gives its own), and
 // its n_dir directions (nullptr when none)
@@ -297,18 +261,7 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         const ggml_type stype = (ggml_type) j.src_type;
         const size_t src_row = ggml_row_size(stype, ne0);
         auto read_row = [&](int64_t global_row, float * dst) {
-            const uint8_t * src = base + j.offset + (uint64_t) global_row * src_row;
-            // 16-bit sources through the CPU backend's vectorized conversions (exact, as to_float is):
-            // every tensor's whole data is read here
-            if (stype == GGML_TYPE_F32) {
-                std::memcpy(dst, src, sizeof(float) * (size_t) ne0);
-            } else if (stype == GGML_TYPE_F16) {
-                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, dst, ne0);
-            } else if (stype == GGML_TYPE_BF16) {
-                ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) src, dst, ne0);
-            } else {
-                ggml_get_type_traits(stype)->to_float(src, dst, ne0);
-            }
+            llqx_score_read_row(base + j.offset + (uint64_t) global_row * src_row, j.src_type, ne0, dst);
         };
         st.rows.assign((size_t) st.expert_first.back(), 0);
         st.row_scale.assign(st.rows.size(), 0.0);
@@ -327,7 +280,7 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             col2.assign(j.n_noise > 0 ? (size_t) ne0 : 0, 0.0);
             for (int64_t r = 0; r < j.ne[1]; ++r) {
                 read_row(e * j.ne[1] + r, xr.data());
-                energy[(size_t) r] = score_quadratic(xr.data(), v, a, j.n_dir, ne0);
+                energy[(size_t) r] = llqx_score_quadratic(xr.data(), v, a, j.n_dir, ne0);
                 slice += energy[(size_t) r];
                 for (size_t k = 0; k < col2.size(); ++k) {
                     col2[k] += (double) xr[k] * (double) xr[k];
@@ -398,7 +351,7 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
                 for (int64_t k = 0; k < ne0; ++k) {
                     dbuf[(size_t) k] = (double) yr[k] - (double) xr[k];
                 }
-                out[r] = score_quadratic(dbuf.data(), dv, a, j.n_dir, ne0);
+                out[r] = llqx_score_quadratic(dbuf.data(), dv, a, j.n_dir, ne0);
             }
             bool last = false;
             {
