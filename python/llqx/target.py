@@ -137,7 +137,7 @@ def plan_target(
     req: QuantizeRequest, scores: Scores, imatrix: Imatrix | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> TargetResult:
-    """Score what is missing (all candidates unless window mode), measure the groups' sensitivities when
+    """Score what is missing (all candidates, or the window's first ones), measure the groups' sensitivities when
     there is calibration text (or take those the imatrix file carries), plan, --verify; frees grids the mix
     does not use."""
     if req.candidates == "all":
