@@ -251,14 +251,17 @@ def test_window_reads_each_tensor_once_with_carried_sensitivities(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """--candidates window with the sensitivities an imatrix carries: the probe types are scored with the
-    window's first candidates, so scoring reads every tensor once (it reads each whole), and the plan is
-    the one of scoring them in two passes, probe types first, as the sensitivities ask for them alone."""
+    window's first candidates, so the first scoring pass reads every tensor once (it reads each whole) and
+    a later one only a few, for the grid types the plan could still take; the plan is the one of scoring
+    them in two passes, probe types first, as the sensitivities ask for them alone."""
     im, _ = carried_imatrix
     reads: list[str] = []
+    calls: list[list[tuple[str, list[int]]]] = []
     real = _core.score_run
 
     def recording(path: str, jobs: list[dict[str, object]], **kw: object) -> object:
         reads.extend(str(j["name"]) for j in jobs)
+        calls.append([(str(j["name"]), list(j["candidates"])) for j in jobs])  # type: ignore[call-overload]
         return real(path, jobs, **kw)
 
     monkeypatch.setattr(_core, "score_run", recording)
@@ -268,13 +271,18 @@ def test_window_reads_each_tensor_once_with_carried_sensitivities(
     one_pass = json.loads(capsys.readouterr().out)
     assert one_pass["sensitivity_source"].startswith("from the imatrix file")
     n_tensors = len(quantizable_tensors(llqx.inspect(smollm2_f16)))
-    assert len(reads) == len(set(reads)) == n_tensors
+    first = [name for name, _ in calls[0]]
+    assert len(first) == len(set(first)) == n_tensors
+    grid = {t.id for t in llqx.ggml_types().values() if t.has_grid}
+    widened = [(name, types) for call in calls[1:] for name, types in call]
+    assert all(set(types) <= grid for _, types in widened)  # never the probe type again
+    assert len(widened) < n_tensors / 4
 
     imatrix = Imatrix.load(im)
     scores = score(smollm2_f16, imatrix, nthread=2, progress=False, candidates="window")
     calibrate(scores, imatrix, None)  # scores the probe types alone: a first read of every tensor
     two_passes = scores.plan(target_bpw=6.0)
-    assert len(reads) > 2 * n_tensors - 1
+    assert len(reads) > 2 * n_tensors - 1 + len(widened)
     assert [t["type"] for t in one_pass["tensors"]] == [t["type"] for t in two_passes.to_dict()["tensors"]]
 
 

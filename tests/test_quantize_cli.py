@@ -290,7 +290,7 @@ def test_usage_text_matches_upstream(llama_quantize: Path, capsys: pytest.Captur
 def test_both_front_ends_build_the_same_request(smollm2_f16: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "t.gguf")
     words = ["--target-size", "1.5G", "--state-file", "s.llqx-state", "--imatrix", "x.dat", "--tensor-type",
-             "ffn_down=q8_0", "--override-kv", "a.b=int:1", "--leave-output-tensor", "--candidates", "window",
+             "ffn_down=q8_0", "--override-kv", "a.b=int:1", "--leave-output-tensor", "--candidates", "all",
              "--score-elements", "4096", "--score-sketch", str(smollm2_f16), out, "Q4_K_M", "1"]
     req = cli_quantize.parse_argv(words)
     assert isinstance(req, QuantizeRequest)
@@ -298,7 +298,7 @@ def test_both_front_ends_build_the_same_request(smollm2_f16: Path, tmp_path: Pat
     assert (req.ftype.name if req.ftype else None, req.nthread) == ("Q4_K_M", 1)
     assert req.tensor_types == [("ffn_down", llqx.ggml_type("q8_0").id)]
     assert (req.override_kv, req.leave_output_tensor, req.candidates, req.score_elements, req.score_sketch) == (
-        ["a.b=int:1"], True, "window", 4096, True)
+        ["a.b=int:1"], True, "all", 4096, True)
     seen: list[QuantizeRequest] = []
     parser = cli.build_parser()
     parsed = parser.parse_args(["quantize", *words[:-4], str(smollm2_f16), out, "Q4_K_M", "1"])

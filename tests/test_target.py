@@ -550,7 +550,7 @@ def test_window_plans_fit_and_never_beat_full_plans(
         win = score(model, imf, state=state, nthread=2, sample_elements=SAMPLE, progress=False,
                     candidates="window")
         lo, hi = _range(full)
-        targets = [lo + 0.05, lo + 0.3, 4.5, 5.0, 6.0, 8.0, hi - 1.0]
+        targets = [lo + 0.05, lo + 0.3, 4.3, 4.5, 4.7, 5.0, 6.0, 8.0, hi - 1.0]
         cases: list[dict[str, object]] = [{"target_bpw": t} for t in targets if lo < t < hi]
         cases += [
             {"target_size": parse_size("75M")},
@@ -559,10 +559,10 @@ def test_window_plans_fit_and_never_beat_full_plans(
         for kw in cases:
             a = full.plan(**kw)  # type: ignore[arg-type]
             b = win.plan(**kw)  # type: ignore[arg-type]
-            # window mode plans over a subset of the candidates: never better than the full set (the
-            # estimator picks low grid types at high targets too, so it can be worse: it is opt-in)
+            # window mode plans over a subset of the candidates, widened while a type left out could
+            # win at the plan's price of a byte: the same error as the full set (a tie may pick another mix)
             same = [x.type for x in a.tensors] == [x.type for x in b.tensors]
-            assert same or a.error <= b.error * (1 + 1e-9), (kw, a.error, b.error)
+            assert same or abs(a.error - b.error) <= 1e-9 * a.error, (kw, a.error, b.error)
             assert b.bpw <= a.target_bpw if a.target_bpw is not None else b.file_size <= parse_size("75M")
 
 

@@ -56,6 +56,18 @@ def allocate(
     Returns the chosen index into each curve's arrays. The caller checks feasibility first
     (the sum of each curve's minimum cost must fit).
     """
+    return allocate_priced(curves, budget, slack, groups)[0]
+
+
+def allocate_priced(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]],
+    budget: float | Sequence[float],
+    slack: float | Sequence[float] = 0.0,
+    groups: Sequence[int] | None = None,
+) -> tuple[list[int], list[float]]:
+    """allocate(), and per group the price of a byte its Lagrangian settled on (the smallest multiplier
+    whose picks fit; 0 when every curve's best point fits): a point not on the curves would join the
+    plan only if its error plus price times cost is below the chosen point's."""
     if groups is None:
         groups = [0] * len(curves)
     budgets = [float(x) for x in budget] if isinstance(budget, Sequence) else [float(budget)]
@@ -63,18 +75,23 @@ def allocate(
     if len(groups) != len(curves) or len(slacks) != len(budgets) or any(not 0 <= g < len(budgets) for g in groups):
         raise ValueError("allocate: one group id per curve, one budget and slack per group")
     chosen = [0] * len(curves)
+    prices: list[float] = []
     for g, (b, s) in enumerate(zip(budgets, slacks, strict=True)):
         members = [i for i, x in enumerate(groups) if x == g]
-        for i, k in zip(members, _allocate_group([curves[i] for i in members], b, s), strict=True):
+        picks, price = _allocate_group([curves[i] for i in members], b, s)
+        for i, k in zip(members, picks, strict=True):
             chosen[i] = k
-    return chosen
+        prices.append(price)
+    return chosen, prices
 
 
-def _allocate_group(curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: float, slack: float) -> list[int]:
-    """allocate() for curves that share one budget."""
+def _allocate_group(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: float, slack: float
+) -> tuple[list[int], float]:
+    """allocate_priced() for curves that share one budget."""
     n = len(curves)
     if n == 0:
-        return []
+        return [], 0.0
     fronts = [pareto_front(c, e) for c, e in curves]
     hulls = [lower_hull(c, e, f) for (c, e), f in zip(curves, fronts, strict=True)]
     width = max(len(h) for h in hulls)
@@ -98,6 +115,7 @@ def _allocate_group(curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: flo
 
     # 1. Lagrangian relaxation: the smallest multiplier whose solution fits
     pos = choose(0.0)
+    price = 0.0
     if total(pos) > budget:
         slopes = [0.0]
         for t in range(n):
@@ -117,6 +135,7 @@ def _allocate_group(curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: flo
             if lo > 0.0 and hi <= lo * (1.0 + 1e-12):
                 break
         pos = choose(hi)
+        price = hi
 
     # 2. greedy fill along the hulls: best error drop per byte first, while it fits
     left = budget - total(pos)
@@ -170,7 +189,7 @@ def _allocate_group(curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: flo
             left -= spent
             for t, k in changes:
                 cur[t] = k
-    return [int(x) for x in cur]
+    return [int(x) for x in cur], price
 
 
 def _best_move(

@@ -11,17 +11,18 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from . import _core
 from .budgets import Budgets, Constraints, Item, resolve
+from .curves import CurveSource, TensorCurve
 from .errors import LlqxError
 from .llama_rules import CANDIDATES, TOKEN_EMBD, fallback_type, grid_type_ids, needs_imatrix, tensor_nbytes
 from .metadata import meta_size, parse_kv_override
 from .model import ModelInfo
-from .optimizer import allocate
+from .optimizer import allocate_priced
 from .plan import Plan, PlanTensor
 from .request import BudgetSpec
 from .state import ScoreState
@@ -30,40 +31,10 @@ from .types import ggml_type, parse_tensor_type
 log = logging.getLogger("llqx")
 
 # window mode: plan over every type but the grid types more than this many bpw below the mean bpw the
-# free tensors can spend; then, per tensor, add the next grid type down while the pick is the cheapest
-# type above the grid types left out (plans equal the full candidate set's on the test models and on
-# Qwen2.5-Coder-1.5B over their whole bpw range)
-WINDOW_BPW = 2.0
-
-@dataclass
-class TensorCurve:
-    """Candidate types of one tensor with the bytes the writer will produce and their scored error."""
-
-    name: str
-    n_elements: int
-    types: list[int]
-    nbytes: list[int]
-    errors: list[float]
-    # errors[i] * local_scale is the tensor's local error (estimator.local_error_divisors), the unit measured
-    # sensitivities price; 0: none known
-    local_scale: float = 0.0
-    # per type, in the same unit: the error the 8-bit rounding of its input in ggml's dot product adds (a
-    # written file has it, an in-memory probe does not); empty: none known
-    rounding: list[float] = field(default_factory=list)
-
-    def total(self, i: int) -> float:
-        """The i-th type's error as a written file has it: the weights' error plus the input's rounding."""
-        return self.errors[i] + (self.rounding[i] if self.rounding else 0.0)
-
-
-class CurveSource(Protocol):
-    """Scores (tensor, type) pairs on demand (the scorer): what the planner may ask for."""
-
-    def ensure(self, need: dict[str, list[int]]) -> None:
-        """Score whatever of ``need`` (tensor name -> candidate type ids) is not scored yet."""
-
-    def curves(self) -> dict[str, TensorCurve]:
-        """Every tensor's scored candidates, cheapest first, errors in the estimator's unit."""
+# free tensors can spend; then add, per tensor, the grid types left out that could still win at the
+# plan's price of a byte (see _widen). The width only sets how much is scored up front: a narrower first
+# window scores less when the plan stays away from the bottom types and takes more rounds when it does not
+WINDOW_BPW = 1.0
 
 
 @dataclass
@@ -72,8 +43,8 @@ class Scores:
 
     ``candidates`` holds every candidate type of each tensor (cheapest first) and ``curves`` the ones
     scored so far. With ``candidates="all"`` (see score()) every candidate is scored up front; with
-    ``"window"`` plan() scores, per target, the types near it (and more while any tensor's pick sits at
-    the edge of what was scored), so a target far from the low-bit types never pays for their grids.
+    ``"window"`` plan() scores, per target, the types near it (and a lower grid type wherever one could
+    win at the plan's price of a byte), so a target far from the low-bit types never pays for their grids.
     """
 
     model: ModelInfo
@@ -242,13 +213,13 @@ class Scores:
             log.warning("the imatrix has no activation sums (in_sum): scoring without the mean-activation term")
         allowed = b.allowed()
         if self.scorer is None:
-            return self._plan_over(b, allowed)
+            return self._plan_over(b, allowed)[0]
         floors = self._window(b, allowed)
         for _ in range(len(CANDIDATES) + 2):
             sets = self._sets(b, allowed, floors)
             self._score_sets(sets, b.pins)
-            plan = self._plan_over(b, sets)
-            if not self._widen(plan, allowed, floors):
+            plan, prices = self._plan_over(b, sets)
+            if not self._widen(plan, prices, b, allowed, sets, floors):
                 return plan
         raise LlqxError("internal error: the candidate window did not settle")
 
@@ -317,32 +288,61 @@ class Scores:
         self.scorer.ensure(need)
         self.curves = self.scorer.curves()
 
-    def _widen(self, plan: Plan, allowed: dict[str, list[int]], floors: dict[str, float]) -> bool:
-        """Lower a tensor's floor to its next grid type when its pick is the cheapest of the types above
-        the highest grid type left out (all of them are planned over), or under it: a pick above the
-        cheapest of them is bracketed by scored types, but at the bottom an unscored grid type could be
-        the better pick."""
+    def _widen(
+        self,
+        plan: Plan,
+        prices: list[float],
+        b: Budgets,
+        allowed: dict[str, list[int]],
+        sets: dict[str, list[int]],
+        floors: dict[str, float],
+    ) -> bool:
+        """Lower an item's floor to its next grid type down while a grid type left out could beat its pick
+        at its group's price of a byte (the optimizer's multiplier): the i-quants (grid types and IQ4_XS)
+        lose accuracy with every bit they drop, so a type left out has at least the error of the cheapest
+        i-quant planned over, and it could win only if that error at its own bytes priced below the pick.
+        Without an i-quant to bound it by, lower the floor while the pick is the cheapest type planned."""
         grew = False
         lazy = grid_type_ids()
-        for pt in plan.tensors:
-            if pt.name not in floors:
+        ladder = lazy | {ggml_type("iq4_xs").id}
+        picked = {t.name: t.type for t in plan.tensors}
+        for it in b.items:
+            first = it.names[0]
+            if first not in floors:
                 continue
-            bpw = {x: v for x, v in self._bpw_of(pt.name).items() if x in allowed[pt.name]}
-            excluded = [v for x, v in bpw.items() if x in lazy and v < floors[pt.name]]
-            if not excluded:
+            planned = sets[first]
+            out = [x for x in allowed[first] if x in lazy and x not in planned]
+            if not out:
                 continue
-            top = max(excluded)
-            covered = [v for v in bpw.values() if v > top]
-            if not covered or bpw[pt.type] <= min(covered):
-                floors[pt.name] = top
+            bpw = self._bpw_of(first)
+            bounds = [x for x in planned if x in ladder]
+            if bounds:
+                price = prices[it.group]
+                bound = min(bounds, key=lambda x: bpw[x])
+                now = self._item_error(it, picked[first]) + price * self._item_cost(b, it, picked[first])
+                least = self._item_error(it, bound)
+                could = [x for x in out if bpw[x] < bpw[bound] and least + price * self._item_cost(b, it, x) < now]
+            else:
+                could = [max(out, key=lambda x: bpw[x])] if picked[first] == min(planned, key=lambda x: bpw[x]) else []
+            if could:  # one type down: its measured error bounds the ones below it better
+                step = max(out, key=lambda x: bpw[x])
+                for n in it.names:
+                    floors[n] = min(floors[n], self._bpw_of(n)[step])
                 grew = True
         return grew
 
+    def _item_error(self, it: Item, x: int) -> float:
+        return sum(self._error(self.curves[n], self.curves[n].types.index(x)) for n in it.names)
+
+    def _item_cost(self, b: Budgets, it: Item, x: int) -> float:
+        return float(b.groups[it.group].cost(sum(tensor_nbytes(x, self.model.tensor(n)) for n in it.names)))
+
     # ---- the optimizer over chosen candidates ----------------------------------------------------
 
-    def _plan_over(self, b: Budgets, sets: dict[str, list[int]]) -> Plan:
+    def _plan_over(self, b: Budgets, sets: dict[str, list[int]]) -> tuple[Plan, list[float]]:
         """The optimizer's plan when each free tensor may take the candidates of its set: one item per
-        tensor or tie group (its members' bytes and errors summed), one budget per group."""
+        tensor or tie group (its members' bytes and errors summed), one budget per group; and each group's
+        price of a byte."""
         info = self.model
         curves: list[tuple[np.ndarray, np.ndarray]] = []
         options: list[list[dict[str, tuple[int, int, float]]]] = []  # per item and type: member -> pick
@@ -361,7 +361,7 @@ class Scores:
                 np.array([sum(grp.cost(nb) for _, nb, _ in p.values()) for p in per_type], dtype=np.float64),
                 np.array([sum(err for _, _, err in p.values()) for p in per_type], dtype=np.float64),
             ))
-        chosen = allocate(
+        chosen, prices = allocate_priced(
             curves, [g.budget - g.fixed for g in b.groups], [g.slack for g in b.groups], [it.group for it in b.items]
         )
         pick = {n: v for per_type, k in zip(options, chosen, strict=True) for n, v in per_type[k].items()}
@@ -392,4 +392,4 @@ class Scores:
             (8.0 * raw_lo / n_elements, 8.0 * raw_hi / n_elements),
         )
         plan.budgets = b.report(plan)  # checks every budget
-        return plan
+        return plan, prices

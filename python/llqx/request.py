@@ -16,6 +16,7 @@ from .types import FileType, ggml_type
 
 # how the scorer treats the low-bit grid types: score all up front, or only near a target (window)
 CANDIDATE_MODES = ("all", "window")
+DEFAULT_CANDIDATES = "window"
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -173,7 +174,7 @@ class QuantizeRequest:
     target_bpw: float | None = None
     target_size: int | None = None
     state_file: str | None = None
-    candidates: str = "all"
+    candidates: str = DEFAULT_CANDIDATES
     score_elements: int | None = None
     score_sketch: bool = False  # weigh errors with the imatrix's sketch of Σ x xᵀ (measured worse so far)
     budgets: list[BudgetSpec] = field(default_factory=list)

@@ -5,7 +5,7 @@ expert's importance values, error weighted with the input's second moments: the 
 Σ x xᵀ, or E[x²] and the mean activation), keeps the results in the
 state file and returns the planner's ``Scores``, whose ``plan(target_bpw=... | target_size=...)`` runs
 the optimizer. With ``candidates="window"`` nothing is scored up front: each plan() asks for what its
-target needs, and the IQ1/IQ2/IQ3 types (whose lattice grids take seconds to build) only near them.
+target needs, and the IQ1/IQ2/IQ3 types (whose lattice grids take seconds to build) only where they could win.
 This module is the thin run on top: threads, progress, Ctrl+C, periodic state saves.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _core
+from .curves import TensorCurve
 from .errors import LlqxError
 from .estimator import combine_experts, expert_weights, local_error_divisors, output_weights
 from .imatrix import Imatrix
@@ -29,7 +30,7 @@ from .imatrix_select import check_imatrix_fits, select_imatrix
 from .llama_rules import quantizable_tensors, shape3, tensor_candidates, tensor_nbytes
 from .metadata import imatrix_kv_overrides, meta_size
 from .model import ModelInfo, TensorInfo, inspect
-from .planner import Scores, TensorCurve
+from .planner import Scores
 from .progress import progress_bar
 from .request import CANDIDATE_MODES
 from .runner import run_in_worker
@@ -151,8 +152,8 @@ def score(
     (default: a 1/32 slice of each tensor, 32 K to 256 K elements). ``state``: a state file to resume
     from and save to (scoring is saved there on Ctrl+C, and a later call with the same model and
     imatrix skips what it holds). ``candidates``: ``"all"`` scores every candidate type now;
-    ``"window"`` scores nothing yet: each ``plan()`` scores the types near its target (more when a
-    tensor's pick lands at the edge of them), adding them to the state file. ``imatrix_label``: the
+    ``"window"`` scores nothing yet: each ``plan()`` scores the types near its target (and a lower grid
+    type wherever one could win at the plan's price of a byte), adding them to the state file. ``imatrix_label``: the
     name recorded in the output for an Imatrix object (a path names itself). ``defer``: with
     ``"all"``, score nothing yet (check_target() first, then score_all()). ``sketch``: weigh errors with the
     imatrix's sketch of Σ x xᵀ (docs/method.md; measured worse than E[x²] and the mean so far).

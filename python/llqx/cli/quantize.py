@@ -33,9 +33,7 @@ from ..imatrix import Imatrix
 from ..imatrix_select import select_imatrix
 from ..model import inspect
 from ..quantize import quantize
-from ..request import (
-    QuantizeRequest,
-)
+from ..request import DEFAULT_CANDIDATES, QuantizeRequest
 from ..types import FILE_TYPES, FileType
 from .quantize_args import (
     PROG,
@@ -87,7 +85,7 @@ def run(args: QuantizeRequest) -> int:
         from .target import run_target  # scoring and planning load only for a target
 
         return run_target(args)
-    for given, option in ((args.state_file, "--state-file"), (args.candidates != "all", "--candidates"),
+    for given, option in ((args.state_file, "--state-file"), (args.candidates != DEFAULT_CANDIDATES, "--candidates"),
                           (args.score_elements, "--score-elements"), (args.ties, "--tie"),
                           (args.min_types, "--min-type"), (args.max_types, "--max-type"),
                           (args.calibration_file, "--calibration-file"), (args.verify, "--verify")):

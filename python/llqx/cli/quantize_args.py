@@ -18,6 +18,7 @@ from ..metadata import parse_kv_override
 from ..quantize import default_output_path, parse_prune_layers, read_tensor_type_file
 from ..request import (
     CANDIDATE_MODES,
+    DEFAULT_CANDIDATES,
     TIE_PRESETS,
     QuantizeRequest,
     parse_bpw,
@@ -84,7 +85,8 @@ def usage_text(prog: str = PROG) -> str:
                                    "example: --max-type 'ffn_.*_exps=q6_k'"]),
         ("--state-file PATH", ["(llqx) keep the measured per-tensor errors in PATH for later runs",
                                "(an llqx state file; any other file there is refused)"]),
-        ("--candidates all|window", ["(llqx) window: score the IQ1-IQ3 grid types only near the target"]),
+        ("--candidates window|all", ["(llqx) window (default): score the IQ1-IQ3 grid types only where the plan",
+                                     "could take them; all: score every candidate type up front"]),
         ("--score-elements N", ["(llqx) elements sampled per tensor when scoring"]),
         ("--score-sketch", ["(llqx) weigh errors with the imatrix's sketch of the input's second moments",
                             "(measured worse than E[x²] and the mean so far: see docs/method.md)"]),
@@ -352,9 +354,9 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--state-file", metavar="PATH", action=_Checked, convert=_state_path, default=None,
                    help="keep the scoring in PATH (an llqx state file; any other file is refused): "
                    "resumes after Ctrl+C and serves later targets at once")
-    g.add_argument("--candidates", choices=CANDIDATE_MODES, default="all",
-                   help="all (default): score every candidate type; window: score the IQ1/IQ2/IQ3 grid types "
-                   "only near the target (a faster first run; the mix can be a little worse)")
+    g.add_argument("--candidates", choices=CANDIDATE_MODES, default=DEFAULT_CANDIDATES,
+                   help="window (default): score the IQ1/IQ2/IQ3 grid types only where the plan could take them; "
+                   "all: score every candidate type up front")
     g.add_argument("--score-elements", metavar="N", action=_Checked, convert=parse_score_elements, default=None,
                    help="elements sampled per tensor when scoring (default: 1/32 of it, 32K to 256K)")
     g.add_argument("--score-sketch", action="store_true",
