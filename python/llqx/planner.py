@@ -254,10 +254,7 @@ class Scores:
             while True:
                 mine = {n: floor for it in items for n in it.names}
                 sets = self._sets(b, allowed, mine, items)
-                cheapest = grp.fixed + sum(
-                    grp.cost(sum(tensor_nbytes(sets[it.names[0]][0], self.model.tensor(n)) for n in it.names))
-                    for it in items
-                )
+                cheapest = grp.fixed + sum(self._item_cost(b, it, sets[it.names[0]][0]) for it in items)
                 if cheapest <= grp.budget or all(sets[n] == allowed[n] for n in mine):
                     break
                 floor -= 1.0
@@ -331,11 +328,14 @@ class Scores:
                 grew = True
         return grew
 
+    # an item's error and cost under one type, as _plan_over sums them for the optimizer (each member's
+    # bytes padded on its own); the cost needs no score, so it also prices types not scored yet
     def _item_error(self, it: Item, x: int) -> float:
         return sum(self._error(self.curves[n], self.curves[n].types.index(x)) for n in it.names)
 
     def _item_cost(self, b: Budgets, it: Item, x: int) -> float:
-        return float(b.groups[it.group].cost(sum(tensor_nbytes(x, self.model.tensor(n)) for n in it.names)))
+        grp = b.groups[it.group]
+        return float(sum(grp.cost(tensor_nbytes(x, self.model.tensor(n))) for n in it.names))
 
     # ---- the optimizer over chosen candidates ----------------------------------------------------
 
