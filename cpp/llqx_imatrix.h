@@ -38,6 +38,10 @@ struct llqx_imatrix_sums {
     std::vector<float>   in_max2[2];
     int32_t              sketch_rank = 0; // rows of in_sketch (0: none)
     std::vector<float>   in_sketch;       // sketch_rank x n_per_row: (Σ x·(Ωᵀx))ᵀ (llqx_sketch.h)
+    // residual writers: n_per_row stream-relative sums and the tokens they hold (llqx_imatrix_stream.h); empty, 0
+    std::vector<double>  in_sum2_stream;
+    std::vector<double>  in_sum_stream;
+    int64_t              count_stream = 0;
 };
 
 struct llqx_imatrix_progress {

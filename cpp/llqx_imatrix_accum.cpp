@@ -61,6 +61,16 @@ static void imatrix_accumulate_max(std::vector<double> * m, int64_t slice, const
     }
 }
 
+// t's data in host memory: in place on the CPU, else copied into scratch
+static const char * imatrix_host_data(const ggml_tensor * t, std::vector<char> & scratch) {
+    if (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer)) {
+        return (const char *) t->data;
+    }
+    scratch.resize(ggml_nbytes(t));
+    ggml_backend_tensor_get(t, scratch.data(), 0, ggml_nbytes(t));
+    return scratch.data();
+}
+
 static void imatrix_fail(llqx_imatrix_accum * acc, const std::string & msg) {
     if (!acc->failed.exchange(true)) {
         acc->fail_msg = msg;
@@ -157,6 +167,58 @@ static bool imatrix_collect_mul_mat_id(llqx_imatrix_accum * acc, const ggml_tens
     return true;
 }
 
+// a residual writer's input waits for the stream it is added to; a writer whose stream never came (another
+// graph layout, fewer output rows) is dropped when the next writer arrives
+static void imatrix_hold_writer(llqx_imatrix_accum * acc, const std::string & wname, const ggml_tensor * src1,
+                                const char * data) {
+    std::string stream;
+    if (!llqx_imatrix_stream_name(wname, stream) || src1->ne[2] != 1 || src1->ne[3] != 1) {
+        return;
+    }
+    std::vector<llqx_imatrix_pending> & pending = acc->pending;
+    pending.erase(std::remove_if(pending.begin(), pending.end(),
+                                 [&](const llqx_imatrix_pending & p) { return p.stream != stream || p.wname == wname; }),
+                  pending.end());
+    llqx_imatrix_pending p;
+    p.wname  = wname;
+    p.stream = stream;
+    p.ne0    = src1->ne[0];
+    p.n_rows = src1->ne[1];
+    p.x.resize((size_t) p.ne0 * (size_t) p.n_rows);
+    for (int64_t row = 0; row < p.n_rows; ++row) {
+        memcpy(p.x.data() + row * p.ne0, data + row * src1->nb[1], (size_t) p.ne0 * sizeof(float));
+    }
+    pending.push_back(std::move(p));
+}
+
+static bool imatrix_is_stream(const char * name) {
+    return strncmp(name, "ffn_inp-", 8) == 0 || strncmp(name, "l_out-", 6) == 0;
+}
+
+// the stream t has been computed: the writers waiting for it add their rows, weighted by it
+static void imatrix_collect_stream(llqx_imatrix_accum * acc, const ggml_tensor * t) {
+    std::vector<llqx_imatrix_pending> & pending = acc->pending;
+    const bool wanted = std::any_of(pending.begin(), pending.end(),
+                                    [&](const llqx_imatrix_pending & p) { return p.stream == t->name; });
+    if (!wanted) {
+        return;
+    }
+    const int64_t n_embd = t->ne[0];
+    const int64_t n_rows = ggml_nrows(t);
+    if (t->type == GGML_TYPE_F32 && t->nb[0] == sizeof(float) && t->ne[2] * t->ne[3] == 1) {
+        const char * data = imatrix_host_data(t, acc->stream_data);
+        for (const auto & p : pending) {
+            if (p.stream == t->name && p.n_rows == n_rows) {
+                llqx_imatrix_stream_add(acc->stats[p.wname].stream, p.x.data(), p.ne0, p.ne0, (const float *) data,
+                                        n_embd, (int64_t) (t->nb[1] / sizeof(float)), n_rows);
+            }
+        }
+    }
+    pending.erase(std::remove_if(pending.begin(), pending.end(),
+                                 [&](const llqx_imatrix_pending & p) { return p.stream == t->name; }),
+                  pending.end());
+}
+
 static bool imatrix_collect_mul_mat(llqx_imatrix_accum * acc, const ggml_tensor * t, const std::string & wname,
                                     const char * data) {
     const ggml_tensor * src0 = t->src[0];
@@ -191,6 +253,7 @@ static bool imatrix_collect_mul_mat(llqx_imatrix_accum * acc, const ggml_tensor 
         imatrix_fail(acc, "non-finite activations in the input of " + wname);
         return false;
     }
+    imatrix_hold_writer(acc, wname, src1, data);
     // one count per dense tensor, like llama-imatrix (rows per matrix)
     for (auto & c : e.counts) {
         c += ggml_nrows(src1) / n_mat;
@@ -202,6 +265,12 @@ bool llqx_imatrix_accum_cb_eval(ggml_tensor * t, bool ask, void * user_data) {
     auto * acc = (llqx_imatrix_accum *) user_data;
     if (acc->failed.load()) {
         return false;
+    }
+    if (imatrix_is_stream(t->name)) {
+        if (!ask) {
+            imatrix_collect_stream(acc, t);
+        }
+        return true;
     }
     const ggml_tensor * src0 = t->src[0];
     if (src0 == nullptr || t->src[1] == nullptr) {
@@ -223,13 +292,7 @@ bool llqx_imatrix_accum_cb_eval(ggml_tensor * t, bool ask, void * user_data) {
         std::chrono::steady_clock::time_point t0;
         ~timer() { acc->t_collect_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); }
     } guard{ acc, t0 };
-    const bool is_host = src1->buffer == nullptr || ggml_backend_buffer_is_host(src1->buffer);
-    const char * data = (const char *) src1->data;
-    if (!is_host) {
-        acc->src1_data.resize(ggml_nbytes(src1));
-        ggml_backend_tensor_get(src1, acc->src1_data.data(), 0, ggml_nbytes(src1));
-        data = acc->src1_data.data();
-    }
+    const char * data = imatrix_host_data(src1, acc->src1_data);
     if (t->op == GGML_OP_MUL_MAT_ID) {
         return imatrix_collect_mul_mat_id(acc, t, wname, data);
     }
@@ -258,6 +321,9 @@ void llqx_imatrix_accum_entries(const llqx_imatrix_accum & acc, std::vector<llqx
             e.sketch_rank = kv.second.sketch.p;
             llqx_sketch_result(kv.second.sketch, e.in_sketch);
         }
+        e.in_sum2_stream.assign(kv.second.stream.in_sum2.begin(), kv.second.stream.in_sum2.end());
+        e.in_sum_stream.assign(kv.second.stream.in_sum.begin(), kv.second.stream.in_sum.end());
+        e.count_stream = kv.second.stream.count;
         if ((int64_t) e.counts.size() != e.n_expert) {
             // a dense 3-D weight has one count: its matrices form one row, like llama-imatrix writes it
             e.n_per_row = e.n_per_row * e.n_expert / (int64_t) e.counts.size();

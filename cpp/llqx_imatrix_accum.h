@@ -1,9 +1,11 @@
-// the imatrix collector's sums: Σx², Σx, token counts, the block maxima (LLQX_IMATRIX_MAX_BLOCKS) and the sketch of
-// Σ x xᵀ per weight tensor and expert, filled by
+// the imatrix collector's sums: Σx², Σx, token counts, the block maxima (LLQX_IMATRIX_MAX_BLOCKS), the sketch of
+// Σ x xᵀ and, for residual writers, the stream-relative sums (llqx_imatrix_stream.h) per weight tensor and expert,
+// filled by
 // llama.cpp's graph eval callback; knows nothing of the model, context or chunks (llqx_imatrix.cpp)
 #pragma once
 
 #include "llqx_imatrix.h"
+#include "llqx_imatrix_stream.h"
 #include "llqx_sketch.h"
 
 #include <atomic>
@@ -22,6 +24,16 @@ struct llqx_imatrix_stats {
     std::vector<int64_t> counts;
     std::vector<double>  in_max2[2]; // per block of LLQX_IMATRIX_MAX_BLOCKS[i] columns: Σ (max |x| over the block)²
     llqx_sketch          sketch;  // dense tensors only: Σ x xᵀ beyond its diagonal
+    llqx_imatrix_stream_sums stream; // dense residual writers only
+};
+
+// a residual writer's input rows, held until the graph computes the stream they are added to
+struct llqx_imatrix_pending {
+    std::string        wname;
+    std::string        stream; // the name of the stream tensor (llqx_imatrix_stream_name)
+    int64_t            ne0    = 0;
+    int64_t            n_rows = 0;
+    std::vector<float> x;      // n_rows x ne0
 };
 
 struct llqx_imatrix_accum {
@@ -33,6 +45,10 @@ struct llqx_imatrix_accum {
     // scratch for activations and expert ids that live in device memory
     std::vector<char> src1_data;
     std::vector<char> ids_data;
+    std::vector<char> stream_data;
+
+    // at most one writer's input waits for its stream: the graph computes the stream before the next writer
+    std::vector<llqx_imatrix_pending> pending;
 
     double t_collect_s = 0.0; // time spent summing activations (inside the eval callback)
 

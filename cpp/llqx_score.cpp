@@ -19,15 +19,15 @@
 // rows of one work item: a block never crosses an expert boundary
 static const int64_t LLQX_SCORE_BLOCK_ELEMENTS = 32 * 1024;
 
-// the error metric's diagonal of expert slice e (the importance values unless the job gives its own), and
-// its n_dir directions (nullptr when none)
-static const float * job_diagonal(const llqx_score_job & j, int64_t e) {
-    const std::vector<float> & v = j.diagonal.empty() ? j.weights : j.diagonal;
-    return v.empty() ? nullptr : v.data() + (size_t) e * (size_t) j.ne[0];
+// expert slice e of per-expert rows of n values (nullptr when v is empty): a metric's diagonal (n = ne0) or
+// its directions (n = n_dir * ne0)
+static const float * job_slice(const std::vector<float> & v, int64_t e, int64_t n) {
+    return v.empty() ? nullptr : v.data() + (size_t) e * (size_t) n;
 }
 
-static const float * job_directions(const llqx_score_job & j, int64_t e) {
-    return j.n_dir == 0 ? nullptr : j.directions.data() + (size_t) e * (size_t) j.n_dir * (size_t) j.ne[0];
+// the error metric's diagonal: the importance values unless the job gives its own
+static const std::vector<float> & job_diagonal(const llqx_score_job & j) {
+    return j.diagonal.empty() ? j.weights : j.diagonal;
 }
 
 namespace {
@@ -106,6 +106,11 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         if ((!j.weights.empty() && j.weights.size() != nw) || (!j.diagonal.empty() && j.diagonal.size() != nw) ||
             j.n_dir < 0 || j.directions.size() != nw * (size_t) j.n_dir) {
             err = { LLQX_STATUS_INPUT, "importance data of " + j.name + " does not match its shape" };
+            return -1;
+        }
+        if ((!j.alt_diagonal.empty() && j.alt_diagonal.size() != nw) || j.alt_n_dir < 0 ||
+            j.alt_directions.size() != nw * (size_t) j.alt_n_dir || (j.alt_diagonal.empty() && j.alt_n_dir > 0)) {
+            err = { LLQX_STATUS_INPUT, "second error metric of " + j.name + " does not match its shape" };
             return -1;
         }
         if (j.n_noise < 0 || j.noise.size() != nw * (size_t) j.n_noise) {
@@ -222,16 +227,18 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         // per candidate and expert slice: the slice's summed squared output error, estimated from the
         // sampled rows, each standing for its share of the slice; then per slice its exact squared output
         const size_t nn = (size_t) j.n_noise;
-        std::vector<double> out((nc + 1 + nn) * ne2, 0.0);
+        const size_t na = j.alt_diagonal.empty() ? 0 : nc;
+        std::vector<double> out((nc + 1 + nn + na) * ne2, 0.0);
         for (size_t e = 0; e < ne2; ++e) {
             const int64_t a = st.expert_first[e];
             const int64_t b = st.expert_first[e + 1];
-            for (size_t c = 0; c < nc; ++c) {
+            for (size_t c = 0; c < nc + na; ++c) {
                 double sum = 0.0;
                 for (int64_t r = a; r < b; ++r) {
                     sum += st.row_num[c * nr + (size_t) r] * st.row_scale[(size_t) r];
                 }
-                out[c * ne2 + e] = sum;
+                // the second metric's errors follow the noise
+                out[(c < nc ? c : c + 1 + nn) * ne2 + e] = sum;
             }
             out[nc * ne2 + e] = st.slice_energy[e];
             for (size_t i = 0; i < nn; ++i) {
@@ -273,8 +280,8 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         std::vector<int64_t> rows;
         std::vector<double>  scales;
         for (int64_t e = 0; e < j.ne[2]; ++e) {
-            const float * v = job_diagonal(j, e);
-            const float * a = job_directions(j, e);
+            const float * v = job_slice(job_diagonal(j), e, ne0);
+            const float * a = job_slice(j.directions, e, j.n_dir * ne0);
             double slice = 0.0;
             // input noise of variance σ_k per column costs Σ_rows Σ_k w_k² σ_k = Σ_k σ_k · (Σ_rows w_k²)
             col2.assign(j.n_noise > 0 ? (size_t) ne0 : 0, 0.0);
@@ -306,7 +313,7 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
         for (size_t r = 0; r < st.rows.size(); ++r) {
             read_row(st.rows[r], st.data.data() + r * (size_t) ne0);
         }
-        st.row_num.assign(st.rows.size() * j.candidates.size(), 0.0);
+        st.row_num.assign(st.rows.size() * j.candidates.size() * (j.alt_diagonal.empty() ? 1 : 2), 0.0);
     };
 
     auto worker = [&]() {
@@ -336,8 +343,8 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
             const ggml_type qt = (ggml_type) j.candidates[(size_t) it.cand];
             const float * x = st.data.data() + blk.first * ne0;
             const float * v = j.weights.empty() ? nullptr : j.weights.data() + (size_t) blk.expert * (size_t) ne0;
-            const float * dv = job_diagonal(j, blk.expert);
-            const float * a = job_directions(j, blk.expert);
+            const float * dv = job_slice(job_diagonal(j), blk.expert, ne0);
+            const float * a = job_slice(j.directions, blk.expert, j.n_dir * ne0);
             const size_t qrow = ggml_row_size(qt, ne0);
             ggml_quantize_chunk(qt, x, qbuf.data(), 0, blk.count, ne0, v);
             const ggml_type_traits * tt = ggml_get_type_traits(qt);
@@ -345,6 +352,9 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
                 tt->to_float(qbuf.data() + (size_t) r * qrow, ybuf.data() + r * ne0, ne0);
             }
             double * out = st.row_num.data() + (size_t) it.cand * st.rows.size() + (size_t) blk.first;
+            const float * alt_v = job_slice(j.alt_diagonal, blk.expert, ne0);
+            const float * alt_a = job_slice(j.alt_directions, blk.expert, j.alt_n_dir * ne0);
+            double * alt_out = alt_v == nullptr ? nullptr : out + j.candidates.size() * st.rows.size();
             for (int64_t r = 0; r < blk.count; ++r) {
                 const float * xr = x + r * ne0;
                 const float * yr = ybuf.data() + r * ne0;
@@ -352,6 +362,9 @@ int32_t llqx_score_run(const std::string & path, const std::vector<llqx_score_jo
                     dbuf[(size_t) k] = (double) yr[k] - (double) xr[k];
                 }
                 out[r] = llqx_score_quadratic(dbuf.data(), dv, a, j.n_dir, ne0);
+                if (alt_out != nullptr) {
+                    alt_out[r] = llqx_score_quadratic(dbuf.data(), alt_v, alt_a, j.alt_n_dir, ne0);
+                }
             }
             bool last = false;
             {

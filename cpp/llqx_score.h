@@ -24,6 +24,11 @@ struct llqx_score_job {
     // product makes): n_noise * ne[2] * ne[0]; each gets the expected squared output it causes (errors below)
     std::vector<float>   noise;
     int32_t              n_noise = 0;
+    // a second error metric, of the same form as the first (e.g. the input weighted per token by where its
+    // output lands): each candidate's error under it too; empty: none
+    std::vector<float>   alt_diagonal;   // ne[2] * ne[0]
+    std::vector<float>   alt_directions; // ne[2] * alt_n_dir * ne[0]
+    int32_t              alt_n_dir = 0;
     int64_t              sample_elements = 0; // elements to sample (over all experts); 0: the run's default
 };
 
@@ -39,7 +44,9 @@ struct llqx_score_params {
 // error of expert slice e under candidates[c] (estimated from the sampled rows, each weighted by the inverse
 // of its inclusion probability), errors[n_candidates * n_expert + e] the slice's summed expected squared
 // output over all its rows (exact), errors[(n_candidates + 1 + i) * n_expert + e] the slice's summed expected
-// squared output of input noise i over all its rows (exact: Σ_rows Σ_k w_k² noise_k). Returning false cancels.
+// squared output of input noise i over all its rows (exact: Σ_rows Σ_k w_k² noise_k), and with a second metric
+// errors[(n_candidates + 1 + n_noise + c) * n_expert + e] candidate c's error under it (same rows, same weights,
+// so n_errors is (2 * n_candidates + 1 + n_noise) * n_expert). Returning false cancels.
 typedef bool (*llqx_score_done_t)(int32_t job, const double * errors, int32_t n_errors, int64_t n_rows_sampled,
                                   void * user_data);
 

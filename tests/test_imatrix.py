@@ -142,6 +142,77 @@ def test_in_sum_matches_numpy_layer0(dense_pair: tuple[Path, Path], smollm2_f16:
             assert 0.5 * lam[i] <= float(a[i] @ a[i]) <= lam[i] * (1 + 1e-3), (name, i)
 
 
+def _rope(m: np.ndarray, d: int, base: float) -> np.ndarray:
+    """llama.cpp's normal RoPE (adjacent pairs) of rows at positions 0, 1, ..., heads of width d."""
+    pos = np.arange(m.shape[0])[:, None] * base ** (-np.arange(0, d, 2) / d)[None, :]
+    cos, sin = np.cos(pos)[:, None], np.sin(pos)[:, None]
+    m = m.reshape(m.shape[0], -1, d // 2, 2)
+    a, b = m[..., 0], m[..., 1]
+    return np.stack([a * cos - b * sin, a * sin + b * cos], -1)
+
+
+def _layer0_numpy(smollm2_f16: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """SmolLM2's layer 0 in float64 numpy, per chunk (rows of ``tokens``): the inputs of its two residual
+    writers and the stream right after each adds to it."""
+    reader = gguf.GGUFReader(smollm2_f16)
+    w = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors if t.name.startswith(("blk.0.", "tok"))}
+    field = lambda k: reader.fields[f"llama.{k}"].contents()  # noqa: E731
+    eps, base = float(field("attention.layer_norm_rms_epsilon")), float(field("rope.freq_base"))
+    n_head, n_head_kv = int(field("attention.head_count")), int(field("attention.head_count_kv"))
+    rms = lambda v, g: v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * g  # noqa: E731
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("attn_in", "ffn_inp", "down_in", "l_out")}
+    for chunk in tokens:
+        x = w["token_embd.weight"][chunk]
+        h = rms(x, w["blk.0.attn_norm.weight"])
+        q, k, v = (h @ w[f"blk.0.attn_{n}.weight"].T for n in "qkv")
+        d = q.shape[1] // n_head
+        q, k = _rope(q, d, base).reshape(len(chunk), n_head, d), _rope(k, d, base).reshape(len(chunk), n_head_kv, d)
+        v = v.reshape(len(chunk), n_head_kv, d)
+        mask = np.triu(np.full((len(chunk), len(chunk)), -np.inf), 1)
+        heads = []
+        for i in range(n_head):
+            j = i // (n_head // n_head_kv)
+            a = q[:, i] @ k[:, j].T / np.sqrt(d) + mask
+            a = np.exp(a - a.max(axis=1, keepdims=True))
+            heads.append((a / a.sum(axis=1, keepdims=True)) @ v[:, j])
+        attn_in = np.concatenate(heads, axis=1)
+        ffn_inp = x + attn_in @ w["blk.0.attn_output.weight"].T
+        g = rms(ffn_inp, w["blk.0.ffn_norm.weight"])
+        gate, up = g @ w["blk.0.ffn_gate.weight"].T, g @ w["blk.0.ffn_up.weight"].T
+        down_in = gate / (1 + np.exp(-gate)) * up
+        for key, val in zip(out, (attn_in, ffn_inp, down_in, ffn_inp + down_in @ w["blk.0.ffn_down.weight"].T),
+                            strict=True):
+            out[key].append(val)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def test_stream_sums_match_numpy_layer0(dense_pair: tuple[Path, Path], smollm2_f16: Path, work: Path) -> None:
+    """The residual writers' stream sums (each token's input over rms of the stream right after the write)
+    against layer 0 of SmolLM2 computed independently in numpy; upstream reads the file as its own, and
+    tensors that do not write into the stream have none."""
+    ours = Imatrix.load(dense_pair[1])
+    add_bos = bool(gguf.GGUFReader(smollm2_f16).fields["tokenizer.ggml.add_bos_token"].contents())
+    bos = int(gguf.GGUFReader(smollm2_f16).fields["tokenizer.ggml.bos_token_id"].contents())
+    col = ImatrixCollector(smollm2_f16, n_ctx=CTX, threads=2, compute_ppl=False)
+    tokens = col.tokenize((work / "calib.txt").read_bytes().removesuffix(b"\n"))[: CHUNKS * CTX]
+    tokens = tokens.reshape(CHUNKS, CTX).copy()
+    if add_bos:
+        tokens[:, 0] = bos
+    ref = _layer0_numpy(smollm2_f16, tokens)
+    for name, x, s in (("blk.0.attn_output.weight", ref["attn_in"], ref["ffn_inp"]),
+                       ("blk.0.ffn_down.weight", ref["down_in"], ref["l_out"])):
+        st = ours.entries[name].stream
+        assert st is not None, name
+        assert st.count == CHUNKS * CTX, name
+        inv_rms = 1 / np.sqrt(np.mean(s * s, axis=1, keepdims=True))
+        for got, want in ((st.in_sum2, (x * x * inv_rms**2).sum(axis=0)), (st.in_sum, (x * inv_rms).sum(axis=0))):
+            # llama.cpp multiplies F16 weights with F16-rounded activations: they agree to about 1e-3
+            np.testing.assert_allclose(got, want, rtol=5e-3, atol=1e-3 * np.abs(want).max(), err_msg=name)
+    writers = {n for n, e in ours.entries.items() if e.stream is not None}
+    assert writers == {f"blk.{i}.{k}.weight" for i in range(30) for k in ("attn_output", "ffn_down")}
+    assert all(ours.entries[n].stream.count == CHUNKS * CTX for n in writers)  # type: ignore[union-attr]
+
+
 def test_quantize_output_identical(dense_pair: tuple[Path, Path], smollm2_f16: Path,
                                    llama_quantize: Path) -> None:
     """llama-quantize reads our file (with in_sum) and quantizes exactly as with upstream's."""

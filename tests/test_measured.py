@@ -337,8 +337,12 @@ def test_the_estimate_prices_the_rounding_of_activations(
             continue
         s = scored[t["name"]]
         writes = t["name"].endswith(("attn_output.weight", "ffn_down.weight"))
-        error = s["errors"][[x.upper() for x in s["types"]].index(t["type"].upper())]
-        rounding = s["rounding"].get(str(ggml_type(t["type"]).act_block), 0.0)
+        i = [x.upper() for x in s["types"]].index(t["type"].upper())
+        block = str(ggml_type(t["type"]).act_block)
+        # a writer's local error is its stream error: the imatrix pass collected its stream sums
+        assert ("stream_errors" in s) == writes, t["name"]
+        error = s["stream_errors"][i] if writes else s["errors"][i]
+        rounding = (s["stream_rounding"] if writes else s["rounding"]).get(block, 0.0)
         f = factor[tensor_group(t["name"], n_layer)] / (1.0 if writes else s["energy"])
         assert t["error"] == pytest.approx(f * (error + rounding), rel=1e-9)
         weights_only += f * error

@@ -106,3 +106,39 @@ def test_input_noise_costs_the_weights_column_energy(smollm2_f16: Path) -> None:
     expected = noise.astype(np.float64) @ (w.astype(np.float64).reshape(ne1, ne0) ** 2).sum(axis=0)
     assert got[0].shape == (1 + 1 + 2,)  # one candidate, the energy, two noises
     np.testing.assert_allclose(got[0][2:], expected, rtol=1e-12)
+
+
+def test_second_metric_is_the_error_under_its_moments(smollm2_f16: Path) -> None:
+    """A job's second error metric (a writer's stream metric): with every row read, each candidate's error
+    under it is Σ_rows Σ_k d_k e_k² + (a·e)² of the round trip's error e, against numpy on the tensor's F16
+    data; the first metric's errors, the energy and the noise stay where they were."""
+    import gguf
+
+    from llqx.model import inspect
+
+    t = inspect(smollm2_f16).tensor("blk.3.ffn_down.weight")
+    ne0, ne1 = t.shape[0], t.shape[1]
+    rng = np.random.default_rng(1)
+    weights, diag, alt_diag = (rng.random(ne0, dtype=np.float32) + 0.1 for _ in range(3))
+    alt_dir = rng.standard_normal(ne0).astype(np.float32) * 0.1
+    cands = [_core.type_from_name("Q4_0"), _core.type_from_name("Q3_K")]
+    base = {"name": t.name, "src_type": t.type, "ne": [ne0, ne1, 1], "offset": t.offset, "candidates": cands,
+            "weights": weights, "diagonal": diag, "noise": weights, "n_noise": 1}
+    with_alt = {**base, "alt_diagonal": alt_diag, "alt_directions": alt_dir, "alt_n_dir": 1}
+    _, (plain, both) = _core.score_run(str(smollm2_f16), [base, with_alt], nthread=2, sample_elements=ne0 * ne1,
+                                       min_rows=ne1)
+    assert plain is not None
+    assert both is not None
+    assert both.shape == (2 * len(cands) + 1 + 1,)  # candidates, energy, one noise, then the second metric
+    np.testing.assert_array_equal(both[:4], plain)
+    w = next(x for x in gguf.GGUFReader(smollm2_f16).tensors if x.name == t.name).data
+    w = np.asarray(w, dtype=np.float32).reshape(ne1, ne0)
+    for i, c in enumerate(cands):
+        _core.quantize_init(c)
+        e = _core.dequantize_rows(c, _core.quantize_rows(c, w, weights), ne0).reshape(ne1, ne0).astype(np.float64)
+        e -= w
+        want = float(((e * e) @ alt_diag.astype(np.float64)).sum() + ((e @ alt_dir.astype(np.float64)) ** 2).sum())
+        assert both[4 + i] == pytest.approx(want, rel=1e-9), c
+        assert both[4 + i] != pytest.approx(both[i], rel=1e-3)
+    with pytest.raises(_core.Error, match="second error metric"):
+        _core.score_run(str(smollm2_f16), [{**base, "alt_diagonal": alt_diag[:-1]}])

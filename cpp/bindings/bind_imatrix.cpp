@@ -58,7 +58,15 @@ static py::dict imatrix_entries_dict(const llqx_imatrix_collector * col) {
                 in_max2[py::int_(LLQX_IMATRIX_MAX_BLOCKS[i])] = mx;
             }
         }
-        out[py::str(e.name)] = py::make_tuple(in_sum2, in_sum, counts, in_sketch, in_max2);
+        py::object stream = py::none(); // (Σ x²/ms(s), Σ x/rms(s), tokens) of a residual writer
+        if (e.count_stream > 0) {
+            py::array_t<double> s2(nr);
+            py::array_t<double> s1(nr);
+            std::copy(e.in_sum2_stream.begin(), e.in_sum2_stream.end(), s2.mutable_data());
+            std::copy(e.in_sum_stream.begin(), e.in_sum_stream.end(), s1.mutable_data());
+            stream = py::make_tuple(s2, s1, e.count_stream);
+        }
+        out[py::str(e.name)] = py::make_tuple(in_sum2, in_sum, counts, in_sketch, in_max2, stream);
     }
     return out;
 }
@@ -143,6 +151,7 @@ void bind_imatrix(py::module_ & m) {
         .def("cancel", [](imatrix_collector_handle & h) { llqx_imatrix_cancel(h.col); },
              "ask a running run() to stop after the current group of chunks (callable from any thread)")
         .def("entries", [](const imatrix_collector_handle & h) { return imatrix_entries_dict(h.col); },
-             "{name: (in_sum2 float32 (n_expert, n_per_row), in_sum float64, counts int64 (n_expert,))} collected "
+             "{name: (in_sum2 float32 (n_expert, n_per_row), in_sum float64, counts int64 (n_expert,), in_sketch, in_max2, "
+             "stream sums or None)} collected "
              "so far; call between runs or from the progress callback");
 }

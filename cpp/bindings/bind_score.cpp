@@ -61,6 +61,9 @@ static py::object score_run(const std::string & path, py::list jobs_in, int32_t 
         j.n_dir       = d.contains("n_dir") ? d["n_dir"].cast<int32_t>() : 0;
         j.noise       = float_vector(d.contains("noise") ? py::object(d["noise"]) : py::object(py::none()), "noise", j.name);
         j.n_noise     = d.contains("n_noise") ? d["n_noise"].cast<int32_t>() : 0;
+        j.alt_diagonal   = float_vector(d.contains("alt_diagonal") ? py::object(d["alt_diagonal"]) : py::object(py::none()), "alt_diagonal", j.name);
+        j.alt_directions = float_vector(d.contains("alt_directions") ? py::object(d["alt_directions"]) : py::object(py::none()), "alt_directions", j.name);
+        j.alt_n_dir      = d.contains("alt_n_dir") ? d["alt_n_dir"].cast<int32_t>() : 0;
         j.sample_elements = d.contains("sample_elements") ? d["sample_elements"].cast<int64_t>() : 0;
         jobs.push_back(std::move(j));
     }
@@ -113,6 +116,6 @@ void bind_score(py::module_ & m) {
           py::arg("sample_elements") = 1 << 20, py::arg("min_rows") = 16,
           py::arg("callback") = py::none(), py::arg("cancel") = nullptr,
           "score tensors of a GGUF: jobs are dicts (name, src_type, ne[3], offset, candidates, weights, "
-          "diagonal, directions, n_dir, noise, n_noise, sample_elements); callback(job, errors, n_rows) -> bool runs as each finishes. Returns "
+          "diagonal, directions, n_dir, noise, n_noise, alt_diagonal, alt_directions, alt_n_dir, sample_elements); callback(job, errors, n_rows) -> bool runs as each finishes. Returns "
           "(complete, [errors or None per job]).");
 }

@@ -16,16 +16,23 @@ class TensorCurve:
     types: list[int]
     nbytes: list[int]
     errors: list[float]
-    # errors[i] * local_scale is the tensor's local error (estimator.local_error_divisors), the unit measured
-    # sensitivities price; 0: none known
-    local_scale: float = 0.0
     # per type, in the same unit: the error the 8-bit rounding of its input in ggml's dot product adds (a
     # written file has it, an in-memory probe does not); empty: none known
     rounding: list[float] = field(default_factory=list)
+    # per type, the same two in the tensor's local unit (estimator.local_error_divisors: a writer's stream
+    # errors where it has them), the unit measured sensitivities price; empty: none known (0)
+    local: list[float] = field(default_factory=list)
+    local_rounding: list[float] = field(default_factory=list)
 
     def total(self, i: int) -> float:
         """The i-th type's error as a written file has it: the weights' error plus the input's rounding."""
         return self.errors[i] + (self.rounding[i] if self.rounding else 0.0)
+
+    def local_total(self, i: int) -> float:
+        """total() in the local unit; 0 when unknown."""
+        if not self.local:
+            return 0.0
+        return self.local[i] + (self.local_rounding[i] if self.local_rounding else 0.0)
 
 
 class CurveSource(Protocol):

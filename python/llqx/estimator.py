@@ -149,7 +149,8 @@ def output_weights(info: ModelInfo, scored: dict[str, TensorScore], has_imatrix:
 def local_error_divisors(scored: dict[str, TensorScore]) -> dict[str, float]:
     """Per tensor, the divisor that turns its scored error into its local error, the unit measured
     sensitivities price (llqx.sensitivity): a tensor that writes into the residual stream (attn_output,
-    ffn_down) counts the absolute error it adds there (divisor 1); every other tensor counts its output
+    ffn_down) counts the absolute error it adds there (divisor 1; where the imatrix has its stream sums the
+    scorer's stream errors replace it, score_metric.stream_metric); every other tensor counts its output
     error relative to the energy of its output, the relative change it makes in what its block computes
     (0 when that energy is unknown). No propagation: the measured factor of the tensor's group supplies it.
     """

@@ -18,7 +18,7 @@ import numpy as np
 from . import _core
 from . import log as _log
 from .errors import LlqxError
-from .imatrix import Imatrix, ImatrixEntry
+from .imatrix import Imatrix, ImatrixEntry, StreamSums
 from .runner import run_in_worker
 
 
@@ -127,8 +127,9 @@ class ImatrixCollector:
 
     def entries(self) -> dict[str, ImatrixEntry]:
         out: dict[str, ImatrixEntry] = {}
-        for name, (in_sum2, in_sum, counts, in_sketch, in_max2) in self._core.entries().items():
-            out[name] = ImatrixEntry(in_sum2, counts.astype(np.float64), in_sum, in_sketch, dict(in_max2))
+        for name, (in_sum2, in_sum, counts, in_sketch, in_max2, stream) in self._core.entries().items():
+            sums = None if stream is None else StreamSums(stream[0], stream[1], float(stream[2]))
+            out[name] = ImatrixEntry(in_sum2, counts.astype(np.float64), in_sum, in_sketch, dict(in_max2), sums)
         return out
 
     def snapshot(self, dataset: str | None) -> Imatrix:

@@ -124,21 +124,19 @@ class Scores:
     def _error(self, c: TensorCurve, i: int) -> float:
         """A curve's error for its i-th type in a written file, in KL divergence once calibrate() set factors."""
         f = self.factors.get(c.name)
-        return c.total(i) if f is None else c.total(i) * f
+        return c.total(i) if f is None else c.local_total(i) * f
 
     def calibrate(self, factors: dict[str, float]) -> None:
-        """Plan with measured sensitivities: every error of a tensor times its factor (see llqx.sensitivity)."""
+        """Plan with measured sensitivities: every local error of a tensor times its group's factor, in KL
+        divergence per unit of local error (see llqx.sensitivity)."""
         self.factors = dict(factors)
 
-    def local_scale(self, name: str) -> float:
-        """From the estimator's unit to the tensor's local error (see estimator.local_error_divisors); 0: unknown."""
-        return self.curves[name].local_scale
-
-    def error_of(self, name: str, tid: int) -> float:
-        """The estimator's error of one scored (tensor, type)'s weights, before any calibration factor (what an
-        in-memory probe measures: no rounding of activations)."""
+    def local_error_of(self, name: str, tid: int) -> float:
+        """One scored (tensor, type)'s weight error in the tensor's local unit (estimator.local_error_divisors),
+        before calibration and without the rounding of activations (what an in-memory probe measures);
+        0: unknown."""
         c = self.curves[name]
-        return c.errors[c.types.index(tid)]
+        return c.local[c.types.index(tid)] if c.local else 0.0
 
     def ensure_scored(self, need: dict[str, list[int]]) -> None:
         """Score these (tensor, types) now if they are not yet (window mode or a deferred run)."""

@@ -19,7 +19,7 @@ from .errors import LlqxError, core_call
 from .imatrix import Imatrix
 from .model import ModelInfo, inspect
 from .runner import run_in_worker
-from .scoring import importance
+from .score_metric import importance
 from .types import ggml_type
 
 # a mix: (tensor name, ggml type id) for each tensor it changes; the others keep the model's weights

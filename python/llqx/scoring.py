@@ -15,8 +15,6 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +32,13 @@ from .planner import Scores
 from .progress import progress_bar
 from .request import CANDIDATE_MODES
 from .runner import run_in_worker
-from .state import ScoreState, TensorScore, check_state_path, load_state
+from .score_metric import imatrix_hash, score_job
+from .state import ScoreState, StreamScore, TensorScore, check_state_path, load_state
 from .types import ggml_type
 
 log = logging.getLogger("llqx")
 
-SCORING_VERSION = 4  # 4: the rounding of activations (TensorScore.rounding)
+SCORING_VERSION = 5  # 4: the rounding of activations (TensorScore.rounding); 5: writers' stream errors
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
 # every row's energy is read; the largest rows are always in the sample and the rest are evenly spaced
 # (cpp/llqx_score_sample.cpp)
@@ -58,77 +57,6 @@ def _model_hash(info: ModelInfo) -> str:
             for pos in sorted({0, t.nbytes // 2, max(0, t.nbytes - 4096)}):
                 f.seek(t.offset + pos)
                 h.update(f.read(min(4096, t.nbytes - pos)))
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class ErrorMetric:
-    """What a tensor's errors are weighed with, flat float32 per expert: llama.cpp's importance weights
-    (which the quantizer gets too) and the input's second moments E[x xᵀ] ≈ diag(diagonal) + Σ_d a_d a_dᵀ,
-    the a_d being ``n_dir`` rows of ``directions`` per expert."""
-
-    weights: np.ndarray
-    diagonal: np.ndarray | None  # None: the weights (E[x²])
-    directions: np.ndarray | None  # n_expert × n_dir × n_per_row
-    n_dir: int
-
-
-def _flat(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.reshape(-1), dtype=np.float32)
-
-
-def error_metric(im: Imatrix | None, t: TensorInfo, sketch: bool = False) -> ErrorMetric | None:
-    """The tensor's metric; None without importance data. E[x²] plus the mean activation's direction (none
-    in an upstream imatrix); with ``sketch`` and a sketch of Σ x xᵀ in the imatrix, its directions and the
-    diagonal E[x²] leaves beside them instead."""
-    if im is None or t.name not in im.entries or im.entries[t.name].in_sum2.size != t.shape[0] * shape3(t)[2]:
-        return None  # no entry, or a token-embedding entry of another width (llama.cpp ignores it too)
-    w = _flat(im.values(t.name))
-    moments = im.second_moments(t.name) if sketch else None
-    if moments is not None:
-        diagonal, directions = moments
-        return ErrorMetric(w, _flat(diagonal), _flat(directions), directions.shape[1])
-    a = im.activations(t.name)
-    return ErrorMetric(w, None, None if a is None else _flat(a), 0 if a is None else 1)
-
-
-def rounding_noise(im: Imatrix | None, t: TensorInfo, candidates: Sequence[int]) -> dict[int, np.ndarray]:
-    """Per block width of 8-bit activations some candidate's dot product rounds the input to
-    (GGMLType.act_block), the variance that rounding adds to each input column, flat float32 per expert;
-    only widths the imatrix has block maxima for."""
-    out: dict[int, np.ndarray] = {}
-    if im is None or t.name not in im.entries:
-        return out
-    for block in sorted({ggml_type(c).act_block for c in candidates} - {0}):
-        v = im.rounding_noise(t.name, block)
-        if v is not None and v.size == t.shape[0] * shape3(t)[2]:
-            out[block] = _flat(v)
-    return out
-
-
-def importance(im: Imatrix | None, t: TensorInfo) -> np.ndarray | None:
-    """llama.cpp's importance weights of a tensor (E[x²]), flat float32; None without data."""
-    metric = error_metric(im, t)
-    return None if metric is None else metric.weights
-
-
-def _imatrix_hash(im: Imatrix | None, tensors: Sequence[TensorInfo], sketch: bool) -> str:
-    h = hashlib.sha256()
-    if im is None:
-        return "none"
-    for t in tensors:
-        metric = error_metric(im, t, sketch)
-        h.update(t.name.encode() + b"\0")
-        # without a sketch the bytes hashed are those of earlier versions, so their measured probes stay valid
-        parts = [(b"w", None), (b"a", None)] if metric is None else [(b"w", metric.weights), (b"a", metric.directions)]
-        if metric is not None and metric.diagonal is not None:
-            parts.append((b"d", metric.diagonal))
-        if t.name in im.entries:  # the block maxima price the rounding of activations (upstream files: none)
-            parts += [(b"m%d" % b, m) for b, m in sorted(im.entries[t.name].in_max2.items())]
-        for tag, x in parts:
-            h.update(tag if x is not None else b"-")
-            if x is not None:
-                h.update(x.tobytes())
     return h.hexdigest()
 
 
@@ -179,7 +107,7 @@ def score(
     cands = {t.name: tensor_candidates(t, im is not None and t.name in im.entries) for t in quantizable}
     key = {
         "model": _model_hash(info),
-        "imatrix": _imatrix_hash(im, quantizable, sketch),
+        "imatrix": imatrix_hash(im, quantizable, sketch),
         "scoring": SCORING_VERSION,
         "sampling": {
             "elements": sample_elements,
@@ -243,35 +171,43 @@ class _Scorer:
             _run_scoring(self.info, self.im, [t for t in self.tensors if t.name in todo], todo, self)
 
     def record(self, name: str, types: list[int], errors: list[float], rows: int, energy: float,
-               rounding: dict[str, float]) -> None:
+               rounding: dict[str, float], stream: StreamScore | None) -> None:
         names = [ggml_type(x).name for x in types]
         s = self.st.tensors.get(name)
         if s is None:
             s = self.st.tensors[name] = TensorScore([], [], rows, energy)
-        s.merge(names, errors, rows, energy, self.names[name], rounding)
+        s.merge(names, errors, rows, energy, self.names[name], rounding, stream)
 
     def curves(self) -> dict[str, TensorCurve]:
-        """The scored candidates of every tensor, cheapest first, errors in one unit (output_weights)."""
+        """The scored candidates of every tensor, cheapest first, errors in one unit (output_weights) and in
+        the tensor's local unit (local_error_divisors; a writer's stream errors where it has them)."""
         scored = {t.name: self.st.tensors[t.name] for t in self.tensors if t.name in self.st.tensors}
         weights = output_weights(self.info, scored, self.im is not None)
         divisors = local_error_divisors(scored)
         out: dict[str, TensorCurve] = {}
         for t in self.tensors:
             s = self.st.tensors.get(t.name)
-            types: list[int] = []
-            errors: list[float] = []
-            rounding: list[float] = []
+            w, d = weights.get(t.name, 0.0), divisors.get(t.name, 0.0)
+            to_local = 1.0 / d if d > 0 else 0.0
+            c = TensorCurve(t.name, t.n_elements, [], [], [])
             for tid, n in zip(self.cands[t.name], self.names[t.name], strict=True):
                 e = None if s is None else s.error_of(n)
-                if e is not None:
-                    types.append(tid)
-                    errors.append(e * weights[t.name])
-                    block = str(ggml_type(tid).act_block)
-                    rounding.append(s.rounding.get(block, 0.0) * weights[t.name] if s is not None else 0.0)
-            nbytes = [tensor_nbytes(x, t) for x in types]
-            w, d = weights.get(t.name, 0.0), divisors.get(t.name, 0.0)
-            local = 1.0 / (w * d) if w > 0 and d > 0 else 0.0
-            out[t.name] = TensorCurve(t.name, t.n_elements, types, nbytes, errors, local, rounding)
+                if s is None or e is None:
+                    continue
+                block = str(ggml_type(tid).act_block)
+                a = s.rounding.get(block, 0.0)
+                c.types.append(tid)
+                c.errors.append(e * w)
+                c.rounding.append(a * w)
+                se = s.stream_error_of(n)
+                if se is not None:
+                    c.local.append(se)
+                    c.local_rounding.append(s.stream_rounding.get(block, 0.0))
+                else:
+                    c.local.append(e * to_local)
+                    c.local_rounding.append(a * to_local)
+            c.nbytes = [tensor_nbytes(x, t) for x in c.types]
+            out[t.name] = c
         return out
 
 
@@ -287,29 +223,12 @@ def _run_scoring(
     jobs = []
     weights_of = []
     noise_of: list[list[int]] = []  # per job: the block widths of its input noises, in job order
+    streamed: list[bool] = []  # per job: with the stream metric (its errors and noises follow the plain ones)
     for t in todo:
-        ne0, ne1, ne2 = shape3(t)
-        weights_of.append(expert_weights(im, t.name, ne2))
-        metric = error_metric(im, t, scorer.sketch)
-        noise = rounding_noise(im, t, types[t.name]) if metric is not None else {}
-        noise_of.append(sorted(noise))
-        job: dict[str, object] = {
-            "name": t.name,
-            "src_type": t.type,
-            "ne": [ne0, ne1, ne2],
-            "offset": t.offset,
-            "candidates": types[t.name],
-        }
-        if metric is not None:
-            job["weights"] = metric.weights
-            if metric.diagonal is not None:
-                job["diagonal"] = metric.diagonal
-            if metric.directions is not None:
-                job["directions"] = metric.directions
-                job["n_dir"] = metric.n_dir
-            if noise:
-                job["noise"] = np.concatenate([noise[b] for b in sorted(noise)])
-                job["n_noise"] = len(noise)
+        weights_of.append(expert_weights(im, t.name, shape3(t)[2]))
+        job, widths, has_stream = score_job(im, t, types[t.name], scorer.sketch)
+        noise_of.append(widths)
+        streamed.append(has_stream)
         n_sample = (
             sample_elements
             if sample_elements is not None
@@ -333,9 +252,14 @@ def _run_scoring(
 
     def on_done(j: int, values: np.ndarray, rows: int) -> bool:
         t = todo[j]
-        errors, energy, noise = combine_experts(values, len(types[t.name]), weights_of[j])
-        rounding = {str(b): x for b, x in zip(noise_of[j], noise, strict=True)}
-        scorer.record(t.name, types[t.name], errors, int(rows), energy, rounding)
+        nc, nn = len(types[t.name]), len(noise_of[j])
+        errors, energy, rest = combine_experts(values, nc, weights_of[j])
+        rounding = {str(b): x for b, x in zip(noise_of[j], rest[:nn], strict=True)}
+        stream = None
+        if streamed[j]:
+            stream = StreamScore(rest[2 * nn:2 * nn + nc],
+                                 {str(b): x for b, x in zip(noise_of[j], rest[nn:2 * nn], strict=True)})
+        scorer.record(t.name, types[t.name], errors, int(rows), energy, rounding, stream)
         if bar is not None and task is not None:
             bar.update(task, advance=1, name=t.name)
         now = time.monotonic()

@@ -10,10 +10,11 @@ energy, and independent errors of different groups add: one factor per group,
 ``s_g = KLD_g / Σ_{t∈g} l_t(probe)``, turns every curve of the group into KL divergence.
 
 Inside a group the unit is each tensor's local error ``l_t`` (estimator.local_error_divisors: the
-absolute error a writer adds to the residual stream, the relative output error of a tensor that feeds a
-block), not the estimator's propagated unit: the propagation model's layer weights swing by 100× inside
-one band (the layers before and at the massive activations), and a band factor fitted to such a sum
-prices every other layer of the band far too low. Probed alone, those layers cost about as much KL
+error a writer adds to the residual stream, per token relative to the stream where the imatrix has stream
+sums, the relative output error of a tensor that feeds a block), not the estimator's propagated unit:
+the propagation model's layer weights swing by 100× inside one band (the layers before and at the
+massive activations), and a band factor fitted to such a sum prices every other layer of the band far
+too low. Probed alone, those layers cost about as much KL
 divergence per unit of local error as their neighbours (docs/method.md, §5b). Nothing is chosen by hand
 per model; the factors come from one forward pass per group.
 """
@@ -150,7 +151,7 @@ def measure(
         klds.update(measure_groups(scores.model, names, imatrix, cal, klds, on_progress))
     out: list[GroupSensitivity] = []
     for g, ns in groups.items():
-        local = sum(scores.error_of(n, types[n]) * scores.local_scale(n) for n in ns)
+        local = sum(scores.local_error_of(n, types[n]) for n in ns)
         kld = klds.get(g, 0.0)
         out.append(GroupSensitivity(g, ns, kld, local, kld / local if kld > 0 and local > 0 else 0.0))
     valid = sorted(s.factor for s in out if s.factor > 0)
@@ -160,10 +161,9 @@ def measure(
     return [s if s.factor > 0 else replace(s, factor=median) for s in out]
 
 
-def multipliers(scores: Scores, sens: list[GroupSensitivity]) -> dict[str, float]:
-    """Per tensor, from the estimator's unit to KL divergence (applied by Scores.calibrate): its group's
-    factor times the tensor's own conversion to local error."""
-    return {n: s.factor * scores.local_scale(n) for s in sens for n in s.tensors}
+def multipliers(sens: list[GroupSensitivity]) -> dict[str, float]:
+    """Per tensor, from its local error to KL divergence (applied by Scores.calibrate): its group's factor."""
+    return {n: s.factor for s in sens for n in s.tensors}
 
 
 def calibrate(
@@ -188,5 +188,5 @@ def calibrate(
         if scores.state is not None:
             scores.state.probes[key] = {s.group: s.kld for s in sens}
             scores.state.save()
-    scores.calibrate(multipliers(scores, sens))
+    scores.calibrate(multipliers(sens))
     return sens

@@ -29,17 +29,29 @@ STATE_FORMAT = "llqx-state"
 
 
 @dataclass
+class StreamScore:
+    """A residual writer's errors under the stream metric (score_metric.stream_metric), in the order of the
+    types scored with them, and per block width of 8-bit activations the rounding's."""
+
+    errors: list[float]
+    rounding: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class TensorScore:
     """One tensor's scored candidates: type names and their expected squared output errors (same order),
     and the expected squared output itself (``energy``, the same for every type). ``rounding``: per block
     width of 8-bit activations ("32", "256"), the expected squared output error the rounding of the input
-    to them adds (types.GGMLType.act_block: which types' dot products round so); empty without block maxima."""
+    to them adds (types.GGMLType.act_block: which types' dot products round so); empty without block maxima.
+    ``stream_errors`` / ``stream_rounding``: the same under a residual writer's stream metric (None: none)."""
 
     types: list[str]
     errors: list[float]
     rows: int = 0
     energy: float = 0.0
     rounding: dict[str, float] = field(default_factory=dict)
+    stream_errors: list[float] | None = None
+    stream_rounding: dict[str, float] = field(default_factory=dict)
 
     def error_of(self, type_name: str) -> float | None:
         try:
@@ -47,15 +59,26 @@ class TensorScore:
         except ValueError:
             return None
 
+    def stream_error_of(self, type_name: str) -> float | None:
+        if self.stream_errors is None or type_name not in self.types:
+            return None
+        return self.stream_errors[self.types.index(type_name)]
+
     def merge(self, types: list[str], errors: list[float], rows: int, energy: float, order: list[str],
-              rounding: dict[str, float]) -> None:
-        """Add (or replace) the errors of these types; entries are kept in the given candidate order."""
+              rounding: dict[str, float], stream: StreamScore | None = None) -> None:
+        """Add (or replace) the errors of these types; entries are kept in the given candidate order. Stream
+        errors are kept only while every type has one (they come from the same imatrix as the others)."""
         found = dict(zip(self.types, self.errors, strict=True))
         found.update(zip(types, errors, strict=True))
+        in_stream = dict(zip(self.types, self.stream_errors or [], strict=False)) if self.stream_errors else {}
+        if stream is not None:
+            in_stream.update(zip(types, stream.errors, strict=True))
+            self.stream_rounding.update(stream.rounding)
         rank = {n: i for i, n in enumerate(order)}
         names = sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
         self.types = names
         self.errors = [found[n] for n in names]
+        self.stream_errors = [in_stream[n] for n in names] if all(n in in_stream for n in names) else None
         self.rows = rows
         self.energy = energy
         self.rounding.update(rounding)
@@ -74,7 +97,9 @@ class ScoreState:
             "format": STATE_FORMAT,
             "key": self.key,
             "tensors": {
-                n: {"types": t.types, "errors": t.errors, "rows": t.rows, "energy": t.energy, "rounding": t.rounding}
+                n: {"types": t.types, "errors": t.errors, "rows": t.rows, "energy": t.energy, "rounding": t.rounding,
+                    **({} if t.stream_errors is None else
+                       {"stream_errors": t.stream_errors, "stream_rounding": t.stream_rounding})}
                 for n, t in self.tensors.items()
             },
         }
@@ -164,17 +189,21 @@ def load_state(path: Path | None, key: dict[str, Any]) -> ScoreState:
             rows = int(t.get("rows", 0))
             energy = float(t.get("energy", 0.0))
             rounding = {str(k): float(v) for k, v in t.get("rounding", {}).items()}
+            stream = None if "stream_errors" not in t else [float(x) for x in t["stream_errors"]]
+            stream_rounding = {str(k): float(v) for k, v in t.get("stream_rounding", {}).items()}
         except (KeyError, TypeError, ValueError):
             log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
             continue
         if (
             len(types) != len(errors)
+            or (stream is not None and len(stream) != len(types))
             or len(set(types)) != len(types)
-            or not all(e == e and e >= 0.0 for e in [*errors, energy, *rounding.values()])
+            or not all(e == e and e >= 0.0 for e in [*errors, energy, *rounding.values(), *(stream or []),
+                                                      *stream_rounding.values()])
         ):
             log.warning("state file %s has a damaged entry for %s: rescoring it", path, name)
             continue
-        state.tensors[str(name)] = TensorScore(types, errors, rows, energy, rounding)
+        state.tensors[str(name)] = TensorScore(types, errors, rows, energy, rounding, stream, stream_rounding)
     _load_probes(doc, state)
     return state
 
