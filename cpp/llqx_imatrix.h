@@ -41,6 +41,7 @@ struct llqx_imatrix_sums {
     // residual writers: n_per_row stream-relative sums and the tokens they hold (llqx_imatrix_stream.h); empty, 0
     std::vector<double>  in_sum2_stream;
     std::vector<double>  in_sum_stream;
+    std::vector<double>  in_max2_stream[2]; // n_per_row / LLQX_IMATRIX_MAX_BLOCKS[i]: Σ (max |x| over the block)² / ms(s)
     int64_t              count_stream = 0;
 };
 

@@ -324,6 +324,9 @@ void llqx_imatrix_accum_entries(const llqx_imatrix_accum & acc, std::vector<llqx
         e.in_sum2_stream.assign(kv.second.stream.in_sum2.begin(), kv.second.stream.in_sum2.end());
         e.in_sum_stream.assign(kv.second.stream.in_sum.begin(), kv.second.stream.in_sum.end());
         e.count_stream = kv.second.stream.count;
+        for (int i = 0; i < 2; ++i) {
+            e.in_max2_stream[i] = kv.second.stream.in_max2[i];
+        }
         if ((int64_t) e.counts.size() != e.n_expert) {
             // a dense 3-D weight has one count: its matrices form one row, like llama-imatrix writes it
             e.n_per_row = e.n_per_row * e.n_expert / (int64_t) e.counts.size();

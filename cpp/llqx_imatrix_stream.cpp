@@ -1,5 +1,6 @@
 #include "llqx_imatrix_stream.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 
@@ -35,6 +36,10 @@ void llqx_imatrix_stream_add(llqx_imatrix_stream_sums & sums, const float * x, i
     if (sums.in_sum2.empty()) {
         sums.in_sum2.assign(ne0, 0.0);
         sums.in_sum.assign(ne0, 0.0);
+        for (int i = 0; i < 2; ++i) {
+            const int64_t bs = LLQX_IMATRIX_MAX_BLOCKS[i];
+            sums.in_max2[i].assign(ne0 % bs == 0 ? ne0 / bs : 0, 0.0);
+        }
     }
     for (int64_t r = 0; r < n_rows; ++r) {
         const float * sr = s + r * s_stride;
@@ -52,6 +57,16 @@ void llqx_imatrix_stream_add(llqx_imatrix_stream_sums & sums, const float * x, i
             const double v = (double) xr[j];
             sums.in_sum2[j] += w * v * v;
             sums.in_sum[j]  += sw * v;
+        }
+        for (int i = 0; i < 2; ++i) {
+            const int64_t bs = LLQX_IMATRIX_MAX_BLOCKS[i];
+            for (int64_t b = 0; b < (int64_t) sums.in_max2[i].size(); ++b) {
+                float amax = 0.0f;
+                for (int64_t k = b * bs; k < (b + 1) * bs; ++k) {
+                    amax = std::max(amax, std::fabs(xr[k]));
+                }
+                sums.in_max2[i][b] += w * (double) amax * (double) amax;
+            }
         }
         sums.count++;
     }

@@ -5,6 +5,8 @@
 // beyond the names of the stream tensors (llqx_imatrix_accum.cpp).
 #pragma once
 
+#include "llqx_imatrix.h"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -12,6 +14,9 @@
 struct llqx_imatrix_stream_sums {
     std::vector<double> in_sum2; // Σ_t x_t² / ms(s_t)
     std::vector<double> in_sum;  // Σ_t x_t / rms(s_t)
+    // per block of LLQX_IMATRIX_MAX_BLOCKS[i] columns: Σ_t (max |x_t| over the block)² / ms(s_t), which prices the
+    // 8-bit rounding of the writer's input where its error lands; empty when the width is not whole blocks
+    std::vector<double> in_max2[2];
     int64_t             count = 0; // tokens summed
 };
 

@@ -205,7 +205,12 @@ def test_stream_sums_match_numpy_layer0(dense_pair: tuple[Path, Path], smollm2_f
         assert st is not None, name
         assert st.count == CHUNKS * CTX, name
         inv_rms = 1 / np.sqrt(np.mean(s * s, axis=1, keepdims=True))
-        for got, want in ((st.in_sum2, (x * x * inv_rms**2).sum(axis=0)), (st.in_sum, (x * inv_rms).sum(axis=0))):
+        checks = [(st.in_sum2, (x * x * inv_rms**2).sum(axis=0)), (st.in_sum, (x * inv_rms).sum(axis=0))]
+        assert sorted(st.in_max2) == [w for w in (32, 256) if x.shape[1] % w == 0], name
+        for width, got in st.in_max2.items():  # each token's block maximum, weighted by its own stream
+            block_max = np.abs(x).reshape(len(x), -1, width).max(axis=2)
+            checks.append((got, (block_max**2 * inv_rms**2).sum(axis=0)))
+        for got, want in checks:
             # llama.cpp multiplies F16 weights with F16-rounded activations: they agree to about 1e-3
             np.testing.assert_allclose(got, want, rtol=5e-3, atol=1e-3 * np.abs(want).max(), err_msg=name)
     writers = {n for n, e in ours.entries.items() if e.stream is not None}

@@ -243,7 +243,14 @@ def test_imatrix_pass_carries_the_sensitivities(
     merged = tmp_path / "merged.gguf"
     r = imatrix_cli("--in-file", im, "--in-file", im, "-o", merged)
     assert r.returncode == 0, r.stderr
-    assert not Imatrix.load(merged).sensitivities
+    twice, once = Imatrix.load(merged), Imatrix.load(im)
+    assert not twice.sensitivities
+    # the stream sums and their block maxima add up like the others
+    st2, st1 = twice.entries["blk.3.ffn_down.weight"].stream, once.entries["blk.3.ffn_down.weight"].stream
+    assert st2 is not None and st1 is not None and st2.count == 2 * st1.count
+    assert sorted(st2.in_max2) == sorted(st1.in_max2) == [32, 256]
+    for width, m in st1.in_max2.items():
+        np.testing.assert_allclose(st2.in_max2[width], 2 * m, rtol=1e-6)
 
 
 def test_window_reads_each_tensor_once_with_carried_sensitivities(
@@ -323,6 +330,10 @@ def test_the_estimate_prices_the_rounding_of_activations(
         block = e.in_sum2.astype(np.float64).reshape(e.n_expert, -1, 32)
         assert np.all(m >= block.mean(axis=2) * (1 - 1e-5))
         assert np.all(m <= block.sum(axis=2) * (1 + 1e-5))
+        if e.stream is not None:  # the same bounds per token, each weighted by its stream
+            m, block = e.stream.in_max2[32], e.stream.in_sum2.reshape(-1, 32)
+            assert np.all(m >= block.mean(axis=1) * (1 - 1e-5))
+            assert np.all(m <= block.sum(axis=1) * (1 + 1e-5))
     state = tmp_path / "s.state"
     r = quantize_cli("--imatrix", im, "--target-bpw", "8.5", "--calibration-file", calib_text, "--calibration-chunks",
                      "1", "--state-file", state, "--json", smollm2_f16, tmp_path / "q8.gguf")

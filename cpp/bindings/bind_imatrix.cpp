@@ -58,13 +58,21 @@ static py::dict imatrix_entries_dict(const llqx_imatrix_collector * col) {
                 in_max2[py::int_(LLQX_IMATRIX_MAX_BLOCKS[i])] = mx;
             }
         }
-        py::object stream = py::none(); // (Σ x²/ms(s), Σ x/rms(s), tokens) of a residual writer
+        py::object stream = py::none(); // (Σ x²/ms(s), Σ x/rms(s), tokens, {width: Σ max²/ms(s)}) of a residual writer
         if (e.count_stream > 0) {
             py::array_t<double> s2(nr);
             py::array_t<double> s1(nr);
             std::copy(e.in_sum2_stream.begin(), e.in_sum2_stream.end(), s2.mutable_data());
             std::copy(e.in_sum_stream.begin(), e.in_sum_stream.end(), s1.mutable_data());
-            stream = py::make_tuple(s2, s1, e.count_stream);
+            py::dict smax2;
+            for (int i = 0; i < 2; ++i) {
+                if (!e.in_max2_stream[i].empty()) {
+                    py::array_t<double> mx((py::ssize_t) e.in_max2_stream[i].size());
+                    std::copy(e.in_max2_stream[i].begin(), e.in_max2_stream[i].end(), mx.mutable_data());
+                    smax2[py::int_(LLQX_IMATRIX_MAX_BLOCKS[i])] = mx;
+                }
+            }
+            stream = py::make_tuple(s2, s1, e.count_stream, smax2);
         }
         out[py::str(e.name)] = py::make_tuple(in_sum2, in_sum, counts, in_sketch, in_max2, stream);
     }

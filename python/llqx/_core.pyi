@@ -126,7 +126,8 @@ class ImatrixCollector:
     def entries(self) -> dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float64],
                                          npt.NDArray[np.int64], npt.NDArray[np.float32] | None,
                                          dict[int, npt.NDArray[np.float32]],
-                                         tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], int] | None]]: ...
+                                         tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], int,
+                                               dict[int, npt.NDArray[np.float64]]] | None]]: ...
 
 # ---- layout (bind_layout.cpp) ----
 def layout_meta_size(path: str, kv_overrides: Sequence[KvOverride], ftype: int = 7) -> int: ...

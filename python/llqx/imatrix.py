@@ -28,6 +28,14 @@ from .imatrix_sketch import SKETCH_DIRECTIONS, merge_sketches, sketch_second_mom
 __all__ = ["Imatrix", "ImatrixEntry", "StreamSums"]
 
 
+def _rounding_variance(max2: np.ndarray, counts: np.ndarray, block: int, second: np.ndarray) -> np.ndarray:
+    """Per column, float32: min(E[max²] / (12·127²), E[x²]) from the block maxima summed over ``counts`` rows,
+    max2 (rows, n_per_row // block), and the columns' second moments ``second`` (rows, n_per_row)."""
+    mean = np.divide(max2, counts, out=np.zeros(max2.shape), where=counts > 0)
+    step = np.repeat(mean / (12.0 * 127.0**2), block, axis=1)
+    return np.minimum(step, second).astype(np.float32)
+
+
 @dataclass
 class Imatrix(ImatrixFile):
     """An importance matrix: per-tensor raw sums plus the datasets and chunking that made them."""
@@ -94,9 +102,17 @@ class Imatrix(ImatrixFile):
         if m is None:
             return None
         counts = np.rint(e.counts).astype(np.float64).reshape(-1, 1)
-        mean = np.divide(m, counts, out=np.zeros(m.shape), where=counts > 0)
-        step = np.repeat(mean / (12.0 * 127.0**2), block, axis=1)
-        return np.minimum(step, self.values(name)).astype(np.float32)
+        return _rounding_variance(m, counts, block, self.values(name))
+
+    def stream_rounding_noise(self, name: str, block: int) -> np.ndarray | None:
+        """``rounding_noise`` as a residual writer's stream weighs it, float32 (1, n_per_row): each token's
+        rounding error relative to its stream, E[step²/ms(s)] / 12, at most E[x²/ms(s)]. None without the
+        writer's stream block maxima."""
+        st = self.entries[name].stream
+        moments = self.stream_moments(name)
+        if st is None or moments is None or block not in st.in_max2:
+            return None
+        return _rounding_variance(st.in_max2[block].reshape(1, -1), np.array([[st.count]]), block, moments[0])
 
     def stream_moments(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         """A residual writer's input second moments and mean, each token weighted by 1/ms(s) of the stream s it

@@ -128,7 +128,7 @@ class ImatrixCollector:
     def entries(self) -> dict[str, ImatrixEntry]:
         out: dict[str, ImatrixEntry] = {}
         for name, (in_sum2, in_sum, counts, in_sketch, in_max2, stream) in self._core.entries().items():
-            sums = None if stream is None else StreamSums(stream[0], stream[1], float(stream[2]))
+            sums = None if stream is None else StreamSums(stream[0], stream[1], float(stream[2]), dict(stream[3]))
             out[name] = ImatrixEntry(in_sum2, counts.astype(np.float64), in_sum, in_sketch, dict(in_max2), sums)
         return out
 

@@ -13,18 +13,24 @@ class StreamSums:
     """A residual writer's (attn_output, ffn_down) input weighted per token by its stream: the token's
     activations over rms(s), s the residual stream right after the writer adds to it. An error the writer
     adds to a token reaches the next RMSNorm divided by rms(s), so these sums price it where it lands.
-    Raw sums over ``count`` tokens: ``in_sum2`` = Σ x²/ms(s), ``in_sum`` = Σ x/rms(s), both (n_per_row,)."""
+    Raw sums over ``count`` tokens: ``in_sum2`` = Σ x²/ms(s), ``in_sum`` = Σ x/rms(s), both (n_per_row,), and
+    per block width ``in_max2`` = Σ (max |x| over the block)²/ms(s), (n_per_row // width,) (none in files of
+    llqx before scoring version 6)."""
 
     in_sum2: np.ndarray
     in_sum: np.ndarray
     count: float
+    in_max2: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __add__(self, other: StreamSums) -> StreamSums:
+        in_max2 = {b: self.in_max2[b].astype(np.float64) + m for b, m in other.in_max2.items()
+                   if b in self.in_max2 and self.in_max2[b].shape == m.shape}
         return StreamSums(self.in_sum2.astype(np.float64) + other.in_sum2,
-                          self.in_sum.astype(np.float64) + other.in_sum, self.count + other.count)
+                          self.in_sum.astype(np.float64) + other.in_sum, self.count + other.count, in_max2)
 
     def copy(self) -> StreamSums:
-        return StreamSums(self.in_sum2.copy(), self.in_sum.copy(), self.count)
+        return StreamSums(self.in_sum2.copy(), self.in_sum.copy(), self.count,
+                          {b: m.copy() for b, m in self.in_max2.items()})
 
 
 @dataclass

@@ -22,6 +22,7 @@ KEY_SENS_KLD = "llqx.sensitivity.kld"
 
 _MAX2 = "in_max2_"  # NAME.in_max2_32: the block maxima of blocks of 32 columns
 _STREAM = ("in_sum2_stream", "in_sum_stream", "counts_stream")
+_STREAM_MAX2 = "stream_max2_"  # NAME.stream_max2_32: a writer's block maxima weighted by its stream
 _SUFFIXES = ("in_sum2", "in_sum", "counts", "in_sketch", *_STREAM)
 
 
@@ -52,7 +53,7 @@ def read_gguf(path: Path) -> ImatrixFile:
     parts: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
-        if suffix not in _SUFFIXES and not suffix.startswith(_MAX2):
+        if suffix not in _SUFFIXES and not suffix.startswith((_MAX2, _STREAM_MAX2)):
             continue
         if t.tensor_type != gguf.GGMLQuantizationType.F32:
             raise LlqxError(f"imatrix tensor {t.name} must be F32 in {path}")
@@ -72,22 +73,30 @@ def _entry(path: Path, name: str, p: dict[str, np.ndarray]) -> ImatrixEntry:
     sketch = p.get("in_sketch")
     if sketch is not None and (sums.shape[0] != 1 or sketch.shape[1] != sums.shape[1]):
         raise LlqxError(f"imatrix {path}: the sketch of {name} does not match its sums")
-    in_max2 = {}
-    for suffix, m in p.items():
-        width = suffix[len(_MAX2):]
-        if suffix.startswith(_MAX2):
-            if not width.isdigit() or int(width) <= 0 or m.shape[0] != sums.shape[0] \
-                    or m.shape[1] * int(width) != sums.shape[1]:
-                raise LlqxError(f"imatrix {path}: the block maxima {name}.{suffix} do not match its sums")
-            in_max2[int(width)] = m
+    in_max2 = _block_maxima(path, name, p, _MAX2, sums.shape[0])
     stream = None
     if any(s in p for s in _STREAM):
         s2, s1, count = (p.get(s) for s in _STREAM)
         if s2 is None or s1 is None or count is None or sums.shape[0] != 1 or count.size != 1 \
                 or s2.shape != sums.shape or s1.shape != sums.shape:
             raise LlqxError(f"imatrix {path}: the stream sums of {name} do not match its sums")
-        stream = StreamSums(s2.reshape(-1), s1.reshape(-1), float(count.reshape(-1)[0]))
+        stream_max2 = {b: m.reshape(-1) for b, m in _block_maxima(path, name, p, _STREAM_MAX2, 1).items()}
+        stream = StreamSums(s2.reshape(-1), s1.reshape(-1), float(count.reshape(-1)[0]), stream_max2)
     return ImatrixEntry(sums, p["counts"].reshape(-1), p.get("in_sum"), sketch, in_max2, stream)
+
+
+def _block_maxima(path: Path, name: str, p: dict[str, np.ndarray], prefix: str,
+                  n_rows: int) -> dict[int, np.ndarray]:
+    """The entry's tensors PREFIX<width> by width, each checked to have n_rows rows of whole blocks."""
+    n_per_row = p["in_sum2"].shape[1]
+    out = {}
+    for suffix, m in p.items():
+        width = suffix[len(prefix):]
+        if suffix.startswith(prefix):
+            if not width.isdigit() or int(width) <= 0 or m.shape[0] != n_rows or m.shape[1] * int(width) != n_per_row:
+                raise LlqxError(f"imatrix {path}: the block maxima {name}.{suffix} do not match its sums")
+            out[int(width)] = m
+    return out
 
 
 _GGUF_ALIGN = 32
@@ -104,7 +113,7 @@ def write_gguf(im: ImatrixFile, path: Path) -> None:
     NAME.in_sum2 (ne [n_per_row, n_expert]), NAME.counts (ne [1, n_expert]) and, with activations,
     NAME.in_sum, with a sketch NAME.in_sketch (ne [n_per_row, p]), with block maxima NAME.in_max2_W (ne
     [n_per_row / W, n_expert]), with stream sums NAME.in_sum2_stream, NAME.in_sum_stream (ne [n_per_row])
-    and NAME.counts_stream (ne [1])."""
+    and NAME.counts_stream (ne [1]), with their block maxima NAME.stream_max2_W (ne [n_per_row / W])."""
     tensors: list[tuple[str, np.ndarray]] = []
     for name in sorted(im.entries):
         e = im.entries[name]
@@ -120,6 +129,8 @@ def write_gguf(im: ImatrixFile, path: Path) -> None:
             values = (e.stream.in_sum2.reshape(1, -1), e.stream.in_sum.reshape(1, -1), np.array([[e.stream.count]]))
             for suffix, v in zip(_STREAM, values, strict=True):
                 tensors.append((f"{name}.{suffix}", np.ascontiguousarray(v, dtype="<f4")))
+            for width, m in sorted(e.stream.in_max2.items()):
+                tensors.append((f"{name}.{_STREAM_MAX2}{width}", np.ascontiguousarray(m.reshape(1, -1), dtype="<f4")))
 
     kv = bytearray()
     kv += _gguf_str("general.type") + struct.pack("<I", _GGUF_STRING) + _gguf_str("imatrix")

@@ -73,14 +73,20 @@ def rounding_noise(im: Imatrix | None, t: TensorInfo, candidates: Sequence[int])
 
 
 def stream_noise(im: Imatrix, t: TensorInfo, noise: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """The rounding noise as the stream metric weighs it: per column scaled by E[x²/ms(s)] / E[x²], the share
-    of the column's second moment the stream weighting keeps (the noise scales with the column's size)."""
+    """The rounding noise as the stream metric weighs it, per block width of ``noise``: from the writer's
+    block maxima weighted by its stream (each token's step relative to its own stream). Files without them
+    (llqx before scoring version 6) scale the plain noise per column by E[x²/ms(s)] / E[x²], which overprices
+    columns whose block maxima come from the tokens a large stream divides away."""
     moments = im.stream_moments(t.name)
     if moments is None or not noise:
         return {}
     s2 = im.values(t.name).reshape(-1).astype(np.float64)
     keep = np.divide(moments[0].reshape(-1), s2, out=np.zeros_like(s2), where=s2 > 0)
-    return {b: _flat(v * keep) for b, v in noise.items()}
+    out = {}
+    for b, v in noise.items():
+        measured = im.stream_rounding_noise(t.name, b)
+        out[b] = _flat(v * keep) if measured is None else _flat(measured)
+    return out
 
 
 def importance(im: Imatrix | None, t: TensorInfo) -> np.ndarray | None:
@@ -106,6 +112,8 @@ def imatrix_hash(im: Imatrix | None, tensors: Sequence[TensorInfo], sketch: bool
         stream = stream_metric(im, t)
         if stream is not None:
             parts += [(b"s2", stream[0]), (b"s1", stream[1])]
+            st = im.entries[t.name].stream
+            parts += [] if st is None else [(b"sm%d" % b, m) for b, m in sorted(st.in_max2.items())]
         for tag, x in parts:
             h.update(tag if x is not None else b"-")
             if x is not None:

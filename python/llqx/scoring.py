@@ -38,7 +38,8 @@ from .types import ggml_type
 
 log = logging.getLogger("llqx")
 
-SCORING_VERSION = 5  # 4: the rounding of activations (TensorScore.rounding); 5: writers' stream errors
+SCORING_VERSION = 6  # 4: the rounding of activations (TensorScore.rounding); 5: writers' stream errors; 6: their
+# rounding from stream-weighted block maxima
 # sampled elements per tensor (split over its experts): a 1/32 slice, at least 32 K, at most 256 K elements;
 # every row's energy is read; the largest rows are always in the sample and the rest are evenly spaced
 # (cpp/llqx_score_sample.cpp)
