@@ -247,7 +247,9 @@ def test_imatrix_pass_carries_the_sensitivities(
     assert not twice.sensitivities
     # the stream sums and their block maxima add up like the others
     st2, st1 = twice.entries["blk.3.ffn_down.weight"].stream, once.entries["blk.3.ffn_down.weight"].stream
-    assert st2 is not None and st1 is not None and st2.count == 2 * st1.count
+    assert st2 is not None
+    assert st1 is not None
+    assert st2.count == 2 * st1.count
     assert sorted(st2.in_max2) == sorted(st1.in_max2) == [32, 256]
     for width, m in st1.in_max2.items():
         np.testing.assert_allclose(st2.in_max2[width], 2 * m, rtol=1e-6)
