@@ -339,7 +339,8 @@ def evaluate_all(args: argparse.Namespace, s: Setup, recipe_files: dict[str, Pat
             if rec is not None:
                 cached[str(q)] = rec
                 log(f"{q.name}: evaluation reused from an earlier run")
-    to_eval = [q for q in quants if str(q) not in cached]
+    # once per file: on a small model several recipe sizes can give llqx the same size, hence the same file
+    to_eval = list(dict.fromkeys(q for q in quants if str(q) not in cached))
     t0 = time.perf_counter()
     with eval_progress(args.eval_ctx, enabled=not args.quiet) as on_progress:
         result = llqx.evaluate(s.model, to_eval, text, ctx=args.eval_ctx, chunks=n_chunk, threads=args.threads,
