@@ -49,15 +49,8 @@ static void imatrix_accumulate_max(std::vector<double> * m, int64_t slice, const
         if (m[i].empty()) {
             continue;
         }
-        const int64_t bs  = LLQX_IMATRIX_MAX_BLOCKS[i];
-        double *      dst = m[i].data() + slice * (n / bs);
-        for (int64_t b = 0; b < n / bs; ++b) {
-            float amax = 0.0f;
-            for (int64_t k = b * bs; k < (b + 1) * bs; ++k) {
-                amax = std::max(amax, std::fabs(x[k]));
-            }
-            dst[b] += (double) amax * (double) amax;
-        }
+        const int64_t bs = LLQX_IMATRIX_MAX_BLOCKS[i];
+        llqx_imatrix_block_max2_add(m[i].data() + slice * (n / bs), x, n / bs, bs, 1.0);
     }
 }
 

@@ -31,6 +31,16 @@ bool llqx_imatrix_stream_name(const std::string & wname, std::string & stream) {
     return false;
 }
 
+void llqx_imatrix_block_max2_add(double * dst, const float * x, int64_t n_blocks, int64_t bs, double w) {
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        float amax = 0.0f;
+        for (int64_t k = b * bs; k < (b + 1) * bs; ++k) {
+            amax = std::max(amax, std::fabs(x[k]));
+        }
+        dst[b] += w * (double) amax * (double) amax;
+    }
+}
+
 void llqx_imatrix_stream_add(llqx_imatrix_stream_sums & sums, const float * x, int64_t ne0, int64_t x_stride,
                              const float * s, int64_t n_embd, int64_t s_stride, int64_t n_rows) {
     if (sums.in_sum2.empty()) {
@@ -59,14 +69,8 @@ void llqx_imatrix_stream_add(llqx_imatrix_stream_sums & sums, const float * x, i
             sums.in_sum[j]  += sw * v;
         }
         for (int i = 0; i < 2; ++i) {
-            const int64_t bs = LLQX_IMATRIX_MAX_BLOCKS[i];
-            for (int64_t b = 0; b < (int64_t) sums.in_max2[i].size(); ++b) {
-                float amax = 0.0f;
-                for (int64_t k = b * bs; k < (b + 1) * bs; ++k) {
-                    amax = std::max(amax, std::fabs(xr[k]));
-                }
-                sums.in_max2[i][b] += w * (double) amax * (double) amax;
-            }
+            llqx_imatrix_block_max2_add(sums.in_max2[i].data(), xr, (int64_t) sums.in_max2[i].size(),
+                                        LLQX_IMATRIX_MAX_BLOCKS[i], w);
         }
         sums.count++;
     }

@@ -24,6 +24,10 @@ struct llqx_imatrix_stream_sums {
 // blk.N.attn_output, "l_out-N" after blk.N.ffn_down and blk.N.ffn_down_shexp); false for other weights
 bool llqx_imatrix_stream_name(const std::string & wname, std::string & stream);
 
+// per block of bs values of x (n_blocks blocks), w · (max |x| over the block)² added to dst[b]; the collector's
+// plain block maxima (w = 1) and the stream-weighted ones share it
+void llqx_imatrix_block_max2_add(double * dst, const float * x, int64_t n_blocks, int64_t bs, double w);
+
 // adds n_rows tokens: x (rows of ne0, row stride x_stride floats) weighted by the matching rows of the stream
 // s (rows of n_embd, stride s_stride); a token whose stream is all zero is skipped
 void llqx_imatrix_stream_add(llqx_imatrix_stream_sums & sums, const float * x, int64_t ne0, int64_t x_stride,

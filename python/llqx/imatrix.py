@@ -21,7 +21,7 @@ import numpy as np
 from .atomic import atomic_path
 from .errors import LlqxError
 from .imatrix_dat import DatFile, read_dat, write_dat
-from .imatrix_entry import ImatrixEntry, ImatrixFile, StreamSums
+from .imatrix_entry import ImatrixEntry, ImatrixFile, StreamSums, add_block_maxima
 from .imatrix_gguf import read_gguf, write_gguf
 from .imatrix_sketch import SKETCH_DIRECTIONS, merge_sketches, sketch_second_moments
 
@@ -222,8 +222,7 @@ class Imatrix(ImatrixFile):
                 else:
                     mine.in_sum = None
                 mine.in_sketch = merge_sketches(mine.in_sketch, e.in_sketch)
-                mine.in_max2 = {b: mine.in_max2[b].astype(np.float64) + m for b, m in e.in_max2.items()
-                                if b in mine.in_max2 and mine.in_max2[b].shape == m.shape}
+                mine.in_max2 = add_block_maxima(mine.in_max2, e.in_max2)
                 mine.stream = None if mine.stream is None or e.stream is None else mine.stream + e.stream
             # names only in `out` keep their sums: their in_sum stays valid (the other run did not see them)
         out.chunk_count = out.chunks_from_counts()

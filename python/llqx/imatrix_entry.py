@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def add_block_maxima(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Block maxima of two runs added per width; a width only one run has (or of another shape) is dropped."""
+    return {w: a[w].astype(np.float64) + m for w, m in b.items() if w in a and a[w].shape == m.shape}
+
+
 @dataclass
 class StreamSums:
     """A residual writer's (attn_output, ffn_down) input weighted per token by its stream: the token's
@@ -23,10 +28,9 @@ class StreamSums:
     in_max2: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __add__(self, other: StreamSums) -> StreamSums:
-        in_max2 = {b: self.in_max2[b].astype(np.float64) + m for b, m in other.in_max2.items()
-                   if b in self.in_max2 and self.in_max2[b].shape == m.shape}
         return StreamSums(self.in_sum2.astype(np.float64) + other.in_sum2,
-                          self.in_sum.astype(np.float64) + other.in_sum, self.count + other.count, in_max2)
+                          self.in_sum.astype(np.float64) + other.in_sum, self.count + other.count,
+                          add_block_maxima(self.in_max2, other.in_max2))
 
     def copy(self) -> StreamSums:
         return StreamSums(self.in_sum2.copy(), self.in_sum.copy(), self.count,

@@ -80,12 +80,13 @@ def stream_noise(im: Imatrix, t: TensorInfo, noise: dict[int, np.ndarray]) -> di
     moments = im.stream_moments(t.name)
     if moments is None or not noise:
         return {}
-    s2 = im.values(t.name).reshape(-1).astype(np.float64)
-    keep = np.divide(moments[0].reshape(-1), s2, out=np.zeros_like(s2), where=s2 > 0)
     out = {}
     for b, v in noise.items():
         measured = im.stream_rounding_noise(t.name, b)
-        out[b] = _flat(v * keep) if measured is None else _flat(measured)
+        if measured is None:  # a file without them
+            s2 = im.values(t.name).reshape(-1).astype(np.float64)
+            measured = v * np.divide(moments[0].reshape(-1), s2, out=np.zeros_like(s2), where=s2 > 0)
+        out[b] = _flat(measured)
     return out
 
 
