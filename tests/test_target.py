@@ -245,6 +245,20 @@ def test_optimizer_near_bruteforce_optimum() -> None:
                 assert err <= best * tol + 1e-12
 
 
+def test_optimizer_trades_many_small_steps_for_one_big_one() -> None:
+    """A big item's step (50 bytes) that only many small downgrades can pay for: the Lagrangian leaves it
+    below the step (its slope is the flattest) and no single or paired move fits the 30 bytes left, but
+    taking it and downgrading four small items halves the error."""
+    small = (np.array([5.0, 10.0]), np.array([0.05, 0.0]))
+    big = (np.array([0.0, 50.0]), np.array([0.4, 0.0]))
+    curves = [big] + [small] * 20
+    chosen = allocate(curves, 230, 1e18)
+    assert sum(c[i] for (c, _), i in zip(curves, chosen, strict=True)) <= 230
+    assert chosen[0] == 1  # the brute-force optimum: the big step taken, 16 of 20 small ones, error 0.2
+    assert sum(chosen[1:]) == 16
+    assert sum(e[i] for (_, e), i in zip(curves, chosen, strict=True)) == pytest.approx(0.2)
+
+
 # ---- plans: bpw and size accounting --------------------------------------------------------------
 
 
