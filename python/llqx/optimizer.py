@@ -111,14 +111,15 @@ def _allocate_group(
     spans = [float(c.max() - c.min()) for c, _ in curves]
     big = [t for t in np.argsort(spans, kind="stable")[::-1][:BIG_ITEMS] if spans[t] >= BIG_SHARE * budget]
     best = error(picks)
-    dual = [float(np.min(e + price * c)) for c, e in curves]
+    mu = price  # the bound holds for any μ ≥ 0; one μ for all of it
+    dual = [float(np.min(e + mu * c)) for c, e in curves]
     for t in (int(x) for x in big):
         c, e = curves[t]
         rest = sum(dual) - dual[t]
         for k in pareto_front(c, e):
             if k == picks[t] or lo - float(c.min()) + float(c[k]) > budget:
                 continue
-            if float(e[k]) + rest - price * (budget - float(c[k])) >= best:
+            if float(e[k]) + rest - mu * (budget - float(c[k])) >= best:
                 continue  # no mix with this point can beat the one found
             fixed = list(curves)
             fixed[t] = (c[k : k + 1], e[k : k + 1])
