@@ -245,45 +245,6 @@ def test_optimizer_near_bruteforce_optimum() -> None:
                 assert err <= best * tol + 1e-12
 
 
-def test_optimizer_trades_many_small_steps_for_one_big_one() -> None:
-    """A big item's step (50 bytes) that only many small downgrades can pay for: the Lagrangian leaves it
-    below the step (its slope is the flattest) and no single or paired move fits the 30 bytes left, but
-    taking it and downgrading four small items halves the error."""
-    small = (np.array([5.0, 10.0]), np.array([0.05, 0.0]))
-    big = (np.array([0.0, 50.0]), np.array([0.4, 0.0]))
-    curves = [big] + [small] * 20
-    chosen = allocate(curves, 230, 1e18)
-    assert sum(c[i] for (c, _), i in zip(curves, chosen, strict=True)) <= 230
-    assert chosen[0] == 1  # the brute-force optimum: the big step taken, 16 of 20 small ones, error 0.2
-    assert sum(chosen[1:]) == 16
-    assert sum(e[i] for (_, e), i in zip(curves, chosen, strict=True)) == pytest.approx(0.2)
-
-
-def test_optimizer_near_bruteforce_optimum_with_a_big_item() -> None:
-    """One item whose bytes span most of the budget (a small model's token embedding) among small ones:
-    within 10% of the brute-force optimum (the Lagrangian and local moves alone: up to 46% above it)."""
-    worst = 1.0
-    for seed in range(20):
-        rng = np.random.default_rng(seed)
-        curves = []
-        for _ in range(7):
-            c = np.sort(rng.choice(np.arange(10, 60), 3, replace=False)).astype(float)
-            curves.append((c, np.sort(rng.random(3))[::-1] * rng.uniform(0.5, 2)))
-        c = np.sort(rng.choice(np.arange(0, 300), 4, replace=False)).astype(float)
-        curves.insert(int(rng.integers(0, 8)), (c, np.sort(rng.random(4))[::-1] * rng.uniform(0.5, 3)))
-        lo, hi = sum(c.min() for c, _ in curves), sum(c.max() for c, _ in curves)
-        for budget in np.linspace(lo, hi, 7)[1:-1].astype(int):
-            best = min(
-                sum(e[i] for (_, e), i in zip(curves, combo, strict=True))
-                for combo in product(*[range(len(c)) for c, _ in curves])
-                if sum(c[i] for (c, _), i in zip(curves, combo, strict=True)) <= budget
-            )
-            chosen = allocate(curves, int(budget), 1e18)
-            assert sum(c[i] for (c, _), i in zip(curves, chosen, strict=True)) <= budget
-            worst = max(worst, sum(e[i] for (_, e), i in zip(curves, chosen, strict=True)) / best)
-    assert worst <= 1.1
-
-
 # ---- plans: bpw and size accounting --------------------------------------------------------------
 
 

@@ -33,6 +33,10 @@ from .types import ggml_type
 # met within (0.002 bpw, 0.1 % of its bytes)
 BPW_SLACK = 0.0005
 SIZE_SLACK = 0.0002
+# items too big for the optimizer's price of a byte (big_items): a tensor with at least this share of its
+# group's free elements, at most BIG_ITEMS of them
+BIG_SHARE = 0.05
+BIG_ITEMS = 2
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,16 @@ def resolve(
     for g, grp in enumerate(groups):  # the budget groups first: a target size takes what they leave
         _check(grp, groups[:g], any(n in pins for n in grp.names), target_bpw, target_size, meta_size)
     return Budgets(pins, groups, items, (raw_lo, raw_hi), target_bpw, target_size)
+
+
+def big_items(b: Budgets, model: ModelInfo) -> list[Item]:
+    """The optimizer items too big for its price of a byte: single tensors holding at least BIG_SHARE of
+    the elements their group's free tensors hold (a small model's token embedding and head), at most
+    BIG_ITEMS, largest first. The planner also tries each at its other types (docs/method.md, §6)."""
+    size = {it: sum(model.tensor(n).n_elements for n in it.names) for it in b.items}
+    free = [sum(size[it] for it in b.items if it.group == g) for g in range(len(b.groups))]
+    big = [it for it in b.items if len(it.names) == 1 and size[it] >= BIG_SHARE * free[it.group]]
+    return sorted(big, key=lambda it: (-size[it], it.names[0]))[:BIG_ITEMS]
 
 
 def _assign(

@@ -5,12 +5,14 @@ scores per tensor. Each rule names the llama-quant.cpp function it follows; see 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from functools import cache
 
 from . import _core
 from .errors import LlqxError
 from .model import ModelInfo, TensorInfo
-from .types import ggml_type, ggml_types
+from .types import ggml_type, ggml_types, parse_tensor_type
 
 # the types llqx scores (docs/method.md, candidates); the 16-bit one is F16, or BF16 for a BF16 source
 CANDIDATES = (
@@ -167,3 +169,53 @@ def tensor_candidates(t: TensorInfo, has_weights: bool) -> list[int]:
             continue
         out.append(tid)
     return sorted(out, key=lambda tid: (tensor_nbytes(tid, t), tid))
+
+
+def resolve_pins(
+    model: ModelInfo,
+    candidates: list[str],
+    has_imatrix: bool,
+    tensor_types: Iterable[tuple[str, str | int] | str] = (),
+    output_tensor_type: str | int | None = None,
+    token_embedding_type: str | int | None = None,
+    leave_output_tensor: bool = False,
+) -> dict[str, int]:
+    """Types fixed by the user, resolved per tensor (of ``candidates``) as llama.cpp would: first matching
+    pattern wins, the token embedding and output options before the patterns, width fallback applied.
+
+    ``tensor_types`` holds ``(pattern, type)`` pairs or ``"pattern=type"`` strings; with
+    ``leave_output_tensor`` output.weight keeps the type it has.
+    """
+    pairs = [parse_tensor_type(x) if isinstance(x, str) else x for x in tensor_types]
+    patterns = [(re.compile(p.lower()), ggml_type(tt).id) for p, tt in pairs]
+    tied = all(t.name != "output.weight" for t in model.tensors)
+    out: dict[str, int] = {}
+    for name in candidates:
+        t = model.tensor(name)
+        chosen: int | None = None
+        named = next((tt for rx, tt in patterns if rx.search(name)), None)
+        if (
+            token_embedding_type is not None
+            and name in TOKEN_EMBD
+            and not (name == "per_layer_token_embd.weight" and named is not None)
+        ):
+            chosen = ggml_type(token_embedding_type).id
+        elif leave_output_tensor and name == "output.weight":
+            out[name] = t.type
+            continue
+        elif output_tensor_type is not None and name == "output.weight":
+            chosen = ggml_type(output_tensor_type).id
+        elif named is not None:
+            chosen = named
+        elif output_tensor_type is not None and name == "token_embd.weight" and tied:
+            chosen = ggml_type(output_tensor_type).id  # llama.cpp: a tied head's type is the output's
+        if chosen is None:
+            continue
+        gt = ggml_type(chosen)
+        if not gt.can_quantize:
+            raise LlqxError(f"cannot pin {name} to {gt.name}: llama.cpp cannot write that type")
+        chosen = fallback_type(chosen, t.n_per_row)
+        if needs_imatrix(name, chosen) and not has_imatrix:
+            raise LlqxError(f"pinning {name} to {ggml_type(chosen).name} needs an imatrix")
+        out[name] = chosen
+    return out

@@ -9,10 +9,6 @@ from collections.abc import Sequence
 import numpy as np
 
 PAIR_MOVES = 800  # the moves with the smallest byte change that the pair search combines
-# items whose bytes can change by at least this share of their group's budget (the token embedding and
-# head of a small model, a big vocabulary's) are tried at each of their Pareto points, at most BIG_ITEMS
-BIG_SHARE = 0.05
-BIG_ITEMS = 2
 
 
 def pareto_front(cost: np.ndarray, error: np.ndarray) -> np.ndarray:
@@ -92,48 +88,7 @@ def allocate_priced(
 def _allocate_group(
     curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: float, slack: float
 ) -> tuple[list[int], float]:
-    """allocate_priced() for curves that share one budget.
-
-    The Lagrangian is exact only up to one hull step of one item: an item whose steps are a large part of
-    the budget (Q5_1 -> Q8_0 of a small model's token embedding: 9% of it) is left below a step that many
-    small downgrades would pay for, and single or paired moves cannot find that trade. So each big item is
-    also fixed at each of its other Pareto points in turn, the rest searched again, and the lowest total
-    error kept (big items one after another, each given the best choice of those before it). A point is
-    searched only if the Lagrangian dual bound at the settled price μ leaves it a chance: no mix with item
-    t at point k has less error than e_tk + Σ_{i≠t} min_j (e_ij + μ·c_ij) − μ·(budget − c_tk).
-    """
-    picks, price = _search_group(curves, budget, slack)
-    lo = sum(float(c.min()) for c, _ in curves)
-
-    def error(p: Sequence[int]) -> float:
-        return float(sum(e[k] for (_, e), k in zip(curves, p, strict=True)))
-
-    spans = [float(c.max() - c.min()) for c, _ in curves]
-    big = [t for t in np.argsort(spans, kind="stable")[::-1][:BIG_ITEMS] if spans[t] >= BIG_SHARE * budget]
-    best = error(picks)
-    mu = price  # the bound holds for any μ ≥ 0; one μ for all of it
-    dual = [float(np.min(e + mu * c)) for c, e in curves]
-    for t in (int(x) for x in big):
-        c, e = curves[t]
-        rest = sum(dual) - dual[t]
-        for k in pareto_front(c, e):
-            if k == picks[t] or lo - float(c.min()) + float(c[k]) > budget:
-                continue
-            if float(e[k]) + rest - mu * (budget - float(c[k])) >= best:
-                continue  # no mix with this point can beat the one found
-            fixed = list(curves)
-            fixed[t] = (c[k : k + 1], e[k : k + 1])
-            other, other_price = _search_group(fixed, budget, slack)
-            other[t] = int(k)
-            if error(other) < best - 1e-12 * max(1.0, abs(best)):
-                picks, price, best = other, other_price, error(other)
-    return picks, price
-
-
-def _search_group(
-    curves: Sequence[tuple[np.ndarray, np.ndarray]], budget: float, slack: float
-) -> tuple[list[int], float]:
-    """Lagrangian, greedy fill, local search and landing (docs/method.md, §6) for curves sharing a budget."""
+    """allocate_priced() for curves that share one budget."""
     n = len(curves)
     if n == 0:
         return [], 0.0

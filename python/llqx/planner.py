@@ -8,25 +8,24 @@ grid types only near a target) and never reaches into the scoring run itself.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from . import _core
-from .budgets import Budgets, Constraints, Item, resolve
+from .budgets import Budgets, Constraints, Item, big_items, resolve
 from .curves import CurveSource, TensorCurve
 from .errors import LlqxError
-from .llama_rules import CANDIDATES, TOKEN_EMBD, fallback_type, grid_type_ids, needs_imatrix, tensor_nbytes
+from .llama_rules import CANDIDATES, grid_type_ids, resolve_pins, tensor_nbytes
 from .metadata import meta_size, parse_kv_override
 from .model import ModelInfo
 from .optimizer import allocate_priced
 from .plan import Plan, PlanTensor
 from .request import BudgetSpec
 from .state import ScoreState
-from .types import ggml_type, parse_tensor_type
+from .types import ggml_type
 
 log = logging.getLogger("llqx")
 
@@ -69,44 +68,9 @@ class Scores:
         token_embedding_type: str | int | None = None,
         leave_output_tensor: bool = False,
     ) -> dict[str, int]:
-        """Types fixed by the user, resolved per tensor as llama.cpp would (first matching pattern wins).
-
-        ``tensor_types`` holds ``(pattern, type)`` pairs or ``"pattern=type"`` strings; with
-        ``leave_output_tensor`` output.weight keeps the type it has.
-        """
-        pairs = [parse_tensor_type(x) if isinstance(x, str) else x for x in tensor_types]
-        patterns = [(re.compile(p.lower()), ggml_type(tt).id) for p, tt in pairs]
-        tied = all(t.name != "output.weight" for t in self.model.tensors)
-        out: dict[str, int] = {}
-        for name in self.candidates:
-            t = self.model.tensor(name)
-            chosen: int | None = None
-            named = next((tt for rx, tt in patterns if rx.search(name)), None)
-            if (
-                token_embedding_type is not None
-                and name in TOKEN_EMBD
-                and not (name == "per_layer_token_embd.weight" and named is not None)
-            ):
-                chosen = ggml_type(token_embedding_type).id
-            elif leave_output_tensor and name == "output.weight":
-                out[name] = t.type
-                continue
-            elif output_tensor_type is not None and name == "output.weight":
-                chosen = ggml_type(output_tensor_type).id
-            elif named is not None:
-                chosen = named
-            elif output_tensor_type is not None and name == "token_embd.weight" and tied:
-                chosen = ggml_type(output_tensor_type).id  # llama.cpp: a tied head's type is the output's
-            if chosen is None:
-                continue
-            gt = ggml_type(chosen)
-            if not gt.can_quantize:
-                raise LlqxError(f"cannot pin {name} to {gt.name}: llama.cpp cannot write that type")
-            chosen = fallback_type(chosen, t.n_per_row)
-            if needs_imatrix(name, chosen) and self.imatrix_label is None:
-                raise LlqxError(f"pinning {name} to {ggml_type(chosen).name} needs an imatrix")
-            out[name] = chosen
-        return out
+        """Types fixed by the user, resolved per tensor as llama.cpp would (llama_rules.resolve_pins)."""
+        return resolve_pins(self.model, list(self.candidates), self.imatrix_label is not None, tensor_types,
+                            output_tensor_type, token_embedding_type, leave_output_tensor)
 
     def mix_error(self, types: dict[str, int]) -> float | None:
         """The estimator's summed error of a type per tensor (any mix, e.g. a recipe's file); tensors
@@ -209,17 +173,61 @@ class Scores:
         if self.imatrix_label is not None and not self.has_activations and not self._warned:
             self._warned = True  # said once, when the estimate is first used (after every check passed)
             log.warning("the imatrix has no activation sums (in_sum): scoring without the mean-activation term")
+        plan, prices, sets = self._settle(b)
+        for it in big_items(b, self.model):
+            plan, prices, sets, b = self._try_big_item(it, b, plan, prices, sets)
+        return plan
+
+    def _settle(self, b: Budgets) -> tuple[Plan, list[float], dict[str, list[int]]]:
+        """The optimizer's plan over every allowed type, or in window mode over the window once it settled;
+        with each group's price of a byte and the types planned over."""
         allowed = b.allowed()
         if self.scorer is None:
-            return self._plan_over(b, allowed)[0]
+            return (*self._plan_over(b, allowed), allowed)
         floors = self._window(b, allowed)
         for _ in range(len(CANDIDATES) + 2):
             sets = self._sets(b, allowed, floors)
             self._score_sets(sets, b.pins)
             plan, prices = self._plan_over(b, sets)
             if not self._widen(plan, prices, b, allowed, sets, floors):
-                return plan
+                return plan, prices, sets
         raise LlqxError("internal error: the candidate window did not settle")
+
+    def _try_big_item(
+        self, it: Item, b: Budgets, plan: Plan, prices: list[float], sets: dict[str, list[int]]
+    ) -> tuple[Plan, list[float], dict[str, list[int]], Budgets]:
+        """Plan again with a big item fixed at each of its other types that the Lagrangian dual bound
+        leaves a chance (docs/method.md, §6), and keep the lowest error. A type the window left out is
+        bounded by the error of the cheapest i-quant planned (_floor_error) and scored only if that
+        bound passes, so window mode searches what planning over every type would."""
+        grp, g, name = b.groups[it.group], it.group, it.names[0]
+        mu = prices[g]
+        members = [i for i in b.items if i.group == g and i is not it]
+        rest = sum(min(self._item_error(i, x) + mu * self._item_cost(b, i, x) for x in sets[i.names[0]])
+                   for i in members)
+        cheapest = grp.fixed + sum(self._item_cost(b, i, i.types[0]) for i in members)
+        picked = plan.type_of(name)
+        best = self._group_error(plan, [*members, it])
+        for x in it.types:
+            cost = self._item_cost(b, it, x)
+            if x == picked or cheapest + cost > grp.budget:
+                continue
+            err = self._item_error(it, x) if x in self.curves[name].types else self._floor_error(it, sets[name], x)
+            if err is None:
+                self.ensure_scored({name: [x]})
+                err = self._item_error(it, x)
+            if err + rest - mu * (grp.budget - grp.fixed - cost) >= best:
+                continue  # no mix with this type can beat the plan
+            fixed = replace(b, items=[replace(i, types=(x,)) if i is it else i for i in b.items])
+            other, other_prices, other_sets = self._settle(fixed)
+            if other.error < plan.error - 1e-12 * abs(plan.error):
+                plan, prices, sets, b = other, other_prices, other_sets, fixed
+                best = self._group_error(plan, [*members, it])
+        return plan, prices, sets, b
+
+    def _group_error(self, plan: Plan, items: list[Item]) -> float:
+        picked = {t.name: t.type for t in plan.tensors}
+        return sum(self._item_error(i, picked[i.names[0]]) for i in items)
 
     # ---- window mode ---------------------------------------------------------------------------
 
@@ -299,7 +307,6 @@ class Scores:
         Without an i-quant to bound it by, lower the floor while the pick is the cheapest type planned."""
         grew = False
         lazy = grid_type_ids()
-        ladder = lazy | {ggml_type("iq4_xs").id}
         picked = {t.name: t.type for t in plan.tensors}
         for it in b.items:
             first = it.names[0]
@@ -310,13 +317,11 @@ class Scores:
             if not out:
                 continue
             bpw = self._bpw_of(first)
-            bounds = [x for x in planned if x in ladder]
-            if bounds:
+            if self._cheapest_iquant(it, planned) is not None:
                 price = prices[it.group]
-                bound = min(bounds, key=lambda x: bpw[x])
                 now = self._item_error(it, picked[first]) + price * self._item_cost(b, it, picked[first])
-                least = self._item_error(it, bound)
-                could = [x for x in out if bpw[x] < bpw[bound] and least + price * self._item_cost(b, it, x) < now]
+                could = [x for x in out if (least := self._floor_error(it, planned, x)) is not None
+                         and least + price * self._item_cost(b, it, x) < now]
             else:
                 could = [max(out, key=lambda x: bpw[x])] if picked[first] == min(planned, key=lambda x: bpw[x]) else []
             if could:  # one type down: its measured error bounds the ones below it better
@@ -325,6 +330,21 @@ class Scores:
                     floors[n] = min(floors[n], self._bpw_of(n)[step])
                 grew = True
         return grew
+
+    def _floor_error(self, it: Item, planned: list[int], x: int) -> float | None:
+        """A floor for the error of grid type x, which the window left out: the i-quants (the grid types and
+        IQ4_XS) lose accuracy with every bit they drop, so x errs at least as much as the cheapest i-quant
+        planned, if that one is above it; None otherwise."""
+        bound = self._cheapest_iquant(it, planned)
+        if x not in grid_type_ids() or bound is None:
+            return None
+        bpw = self._bpw_of(it.names[0])
+        return self._item_error(it, bound) if bpw[x] < bpw[bound] else None
+
+    def _cheapest_iquant(self, it: Item, planned: list[int]) -> int | None:
+        bpw = self._bpw_of(it.names[0])
+        ladder = [y for y in planned if y in grid_type_ids() or y == ggml_type("iq4_xs").id]
+        return min(ladder, key=lambda y: bpw[y]) if ladder else None
 
     # an item's error and cost under one type, as _plan_over sums them for the optimizer (each member's
     # bytes padded on its own); the cost needs no score, so it also prices types not scored yet
