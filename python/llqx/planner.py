@@ -205,19 +205,24 @@ class Scores:
         members = [i for i in b.items if i.group == g and i is not it]
         rest = sum(min(self._item_error(i, x) + mu * self._item_cost(b, i, x) for x in sets[i.names[0]])
                    for i in members)
-        cheapest = grp.fixed + sum(self._item_cost(b, i, i.types[0]) for i in members)
+        cheapest = grp.fixed + sum(min(self._item_cost(b, i, x) for x in i.types) for i in members)
         picked = plan.type_of(name)
         best = self._group_error(plan, [*members, it])
+
+        def hopeless(err: float, cost: float) -> bool:  # no mix with this error and cost can beat the plan
+            return err + rest - mu * (grp.budget - grp.fixed - cost) >= best
+
         for x in it.types:
             cost = self._item_cost(b, it, x)
             if x == picked or cheapest + cost > grp.budget:
                 continue
-            err = self._item_error(it, x) if x in self.curves[name].types else self._floor_error(it, sets[name], x)
-            if err is None:
+            if x not in self.curves[name].types:
+                floor = self._floor_error(it, sets[name], x)
+                if floor is not None and hopeless(floor, cost):
+                    continue
                 self.ensure_scored({name: [x]})
-                err = self._item_error(it, x)
-            if err + rest - mu * (grp.budget - grp.fixed - cost) >= best:
-                continue  # no mix with this type can beat the plan
+            if hopeless(self._item_error(it, x), cost):
+                continue
             fixed = replace(b, items=[replace(i, types=(x,)) if i is it else i for i in b.items])
             other, other_prices, other_sets = self._settle(fixed)
             if other.error < plan.error - 1e-12 * abs(plan.error):
