@@ -195,7 +195,8 @@ def big_items(b: Budgets, model: ModelInfo) -> list[Item]:
     """The optimizer items too big for its price of a byte: single tensors holding at least BIG_SHARE of
     the elements their group's free tensors hold (a small model's token embedding and head), at most
     BIG_ITEMS, largest first. The planner also tries each at its other types (docs/method.md, §6)."""
-    size = {it: sum(model.tensor(n).n_elements for n in it.names) for it in b.items}
+    n_elements = {t.name: t.n_elements for t in model.tensors}  # model.tensor() scans
+    size = {it: sum(n_elements[n] for n in it.names) for it in b.items}
     free = [sum(size[it] for it in b.items if it.group == g) for g in range(len(b.groups))]
     big = [it for it in b.items if len(it.names) == 1 and size[it] >= BIG_SHARE * free[it.group]]
     return sorted(big, key=lambda it: (-size[it], it.names[0]))[:BIG_ITEMS]

@@ -322,11 +322,12 @@ class Scores:
             if not out:
                 continue
             bpw = self._bpw_of(first)
-            if self._cheapest_iquant(it, planned) is not None:
+            bound = self._cheapest_iquant(it, planned)
+            if bound is not None:
                 price = prices[it.group]
                 now = self._item_error(it, picked[first]) + price * self._item_cost(b, it, picked[first])
-                could = [x for x in out if (least := self._floor_error(it, planned, x)) is not None
-                         and least + price * self._item_cost(b, it, x) < now]
+                least = self._item_error(it, bound)  # the floor of every grid type below it (_floor_error)
+                could = [x for x in out if bpw[x] < bpw[bound] and least + price * self._item_cost(b, it, x) < now]
             else:
                 could = [max(out, key=lambda x: bpw[x])] if picked[first] == min(planned, key=lambda x: bpw[x]) else []
             if could:  # one type down: its measured error bounds the ones below it better

@@ -81,11 +81,14 @@ def stream_noise(im: Imatrix, t: TensorInfo, noise: dict[int, np.ndarray]) -> di
     if moments is None or not noise:
         return {}
     out = {}
+    keep: np.ndarray | None = None  # the v5 scaling, computed once and only for a file without the maxima
     for b, v in noise.items():
         measured = im.stream_rounding_noise(t.name, b)
-        if measured is None:  # a file without them
-            s2 = im.values(t.name).reshape(-1).astype(np.float64)
-            measured = v * np.divide(moments[0].reshape(-1), s2, out=np.zeros_like(s2), where=s2 > 0)
+        if measured is None:
+            if keep is None:
+                s2 = im.values(t.name).reshape(-1).astype(np.float64)
+                keep = np.divide(moments[0].reshape(-1), s2, out=np.zeros_like(s2), where=s2 > 0)
+            measured = v * keep
         out[b] = _flat(measured)
     return out
 
